@@ -1,0 +1,115 @@
+"""A node's identity: one Ed25519 key pair, kept in the state directory.
+
+The 32-byte seed lives in ``identity.key`` (mode 0600, directory 0700). The public key
+is the node id; its first eight hex digits are the short id used in every log line.
+Keys are made on the box the first time they are needed, never at build time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from .errors import StateError
+
+SEED_BYTES = 32
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+IDENTITY_FILE = "identity.key"
+
+
+def short_id(public_key: bytes) -> str:
+    """The first eight hex digits of a public key: what logs print for a peer."""
+    return public_key.hex()[:8]
+
+
+@dataclass(frozen=True)
+class Identity:
+    signing_key: SigningKey
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def node_id(self) -> str:
+        return self.public_key.hex()
+
+    @property
+    def short_id(self) -> str:
+        return short_id(self.public_key)
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self.signing_key)
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte detached Ed25519 signature of ``data``."""
+        return self.signing_key.sign(data).signature
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        if len(seed) != SEED_BYTES:
+            raise StateError(f"identity seed is {len(seed)} bytes, expected {SEED_BYTES}")
+        return cls(SigningKey(seed))
+
+
+def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is ``public_key``'s signature of ``data``."""
+    try:
+        VerifyKey(public_key).verify(data, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0700, and tighten it if it exists."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_identity(state_dir: Path) -> Identity:
+    """Read the identity from ``state_dir``; refuse a file others can read."""
+    path = state_dir / IDENTITY_FILE
+    try:
+        mode = path.stat().st_mode
+        seed = path.read_bytes()
+    except FileNotFoundError:
+        raise StateError(f"no identity at {path}; run 'gossipfl init'") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StateError(
+            f"{path} has mode {stat.S_IMODE(mode):04o}; it must be 0600 or stricter"
+        )
+    return Identity.from_seed(seed)
+
+
+def load_or_create_identity(state_dir: Path) -> tuple[Identity, bool]:
+    """The identity in ``state_dir``, made now if there is none; True if made."""
+    ensure_private_dir(state_dir)
+    if (state_dir / IDENTITY_FILE).exists():
+        return load_identity(state_dir), False
+    identity = Identity.generate()
+    write_private_file(state_dir / IDENTITY_FILE, identity.seed)
+    return identity, True
