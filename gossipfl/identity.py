@@ -59,7 +59,8 @@ class Identity:
     @classmethod
     def from_seed(cls, seed: bytes) -> Identity:
         if len(seed) != SEED_BYTES:
-            raise StateError(f"identity seed is {len(seed)} bytes, expected {SEED_BYTES}")
+            raise StateError(
+                f"identity seed is {len(seed)} bytes, expected {SEED_BYTES}")
         return cls(SigningKey(seed))
 
 
