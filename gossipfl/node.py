@@ -1,0 +1,405 @@
+"""The node daemon: wires training, compression, transport, merge and gossip together.
+
+One asyncio event loop (uvloop when installed) runs three servers and one loop:
+
+* the gossip server (``transport``) on ``node.listen``: each request is checked and
+  merged by the ``GossipEngine`` in a worker thread, under the model lock;
+* the control server on a unix socket (mode 0600) in the runtime directory:
+  ``GET /v1/status`` (JSON) and ``GET /v1/model`` (the raw float32 vector), answered
+  from the event loop without the model lock, so status answers while a merge runs;
+* the round loop: local training steps (worker thread, model lock), evaluation, then
+  exchanges with ``fanout`` peers picked at random from the live peer set. Exchanges
+  run as tasks: a slow or dead peer holds only its own edge, never the round.
+
+There is no barrier and no coordinator: every node runs the same loop at its own
+pace. Checkpoints are written every ``checkpoint_interval_s`` and at shutdown.
+
+Ownership: the model vector and the engine's edges are touched only by worker
+threads holding ``model_lock``; the peer set and counters only by the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from . import __version__, checkpoint
+from .codec import max_message_bytes
+from .compress import CompressionSpec
+from .config import Config, parse_listen
+from .errors import GossipflError, MessageRefused
+from .gossip import GossipEngine, Pending
+from .identity import Identity, load_or_create_identity, short_id
+from .merge import select as select_merge
+from .peers import PeerSet
+from .train import FlatModel, Task, TaskContext, load_task
+from .transport import GossipClient, PeerRefusal, PeerUnreachable, make_app
+
+log = logging.getLogger(__name__)
+
+STATUS_SCHEMA = 1
+REFUSAL_LOG_LIMIT = 1  # refusals of one (peer, reason) logged at WARNING, then DEBUG
+
+
+class Node:
+    """One gossipfl node; ``run()`` serves until ``stop()``."""
+
+    def __init__(self, config: Config, identity: Identity | None = None,
+                 task: Task | None = None) -> None:
+        self.config = config
+        state_dir = config.node.state_dir
+        if identity is None:
+            identity, made = load_or_create_identity(state_dir)
+            if made:
+                log.info("new identity %s made in %s", identity.short_id, state_dir)
+        self.identity = identity
+        t = config.task
+        self.task = task or load_task(t.name, TaskContext(
+            t.shard_index, t.shard_count, t.seed, t.alpha, t.data, t.batch_size, t.lr,
+            t.hidden, dict(t.options)))
+        self.flat = FlatModel(self.task.make_model(), self.task.describe())
+        g = config.gossip
+        self.spec = CompressionSpec.from_name(g.compression, g.topk_fraction,
+                                              g.block_size)
+        self.merge_path, merge = select_merge()
+        self.max_bytes = g.max_message_bytes or max_message_bytes(self.flat.dim)
+        self.engine = GossipEngine(identity, self.flat.vector, self.flat.vector,
+                                   self.flat.manifest, self.spec, g.consensus_step,
+                                   merge, max_edges=g.max_edges,
+                                   max_bytes=self.max_bytes)
+        self.peers = PeerSet()
+        for entry in config.peers:
+            self.peers.allow([entry.public_key])
+            self.peers.upsert(entry.public_key, entry.address, "static", entry.name)
+        self.checkpoint_path = state_dir / checkpoint.CHECKPOINT_FILE
+        self.model_lock = asyncio.Lock()
+        self.rng = random.Random(int.from_bytes(identity.public_key[:8], "little"))
+        self.accuracy: float | None = None
+        self.loss: float | None = None
+        self.started = time.time()
+        self.last_round_at = 0.0
+        self.last_checkpoint_at = 0.0
+        self.refused: dict[str, int] = {}
+        self.strangers: dict[str, dict[str, Any]] = {}
+        self.duplicate_identity: list[str] = []
+        self.state = "starting"
+        self._in_flight: dict[bytes, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+        self.listen_port = 0
+        self.extra_status: list[Callable[[], dict[str, Any]]] = []
+
+    # --- life cycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore state and open both servers; returns once they listen."""
+        if checkpoint.restore(self.checkpoint_path, self.engine):
+            log.info("resumed from %s at round %d", self.checkpoint_path,
+                     self.engine.round)
+        log.info("node %s (%s) up: task %s, %d parameters, compression %s, merge "
+                 "path %s", self.identity.short_id, self.config.node.name,
+                 self.task.name, self.flat.dim, self.config.gossip.compression,
+                 self.merge_path)
+        host, port = parse_listen(self.config.node.listen)
+        gossip_app = make_app(self.handle_exchange, self.max_bytes, self.edge_epoch)
+        runner = web.AppRunner(gossip_app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.listen_port = sockets[0].getsockname()[1] if sockets else port
+        await self._start_control()
+        self.accuracy = await asyncio.to_thread(self.task.evaluate, self.flat.model)
+        self.state = "running"
+
+    async def _start_control(self) -> None:
+        path = self.config.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        app = web.Application()
+        app.router.add_get("/v1/status", self._status_handler)
+        app.router.add_get("/v1/model", self._model_handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        old_umask = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
+        self._runners.append(runner)
+
+    async def run(self) -> None:
+        """Start, gossip until stopped, then checkpoint and close."""
+        await self.start()
+        client = GossipClient(self.max_bytes, self.config.gossip.exchange_timeout_s)
+        async with client:
+            rounds = asyncio.create_task(self._round_loop(client))
+            await self._stopping.wait()
+            rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
+            for task in list(self._in_flight.values()):
+                task.cancel()
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self.close()
+
+    def stop(self) -> None:
+        self.state = "stopping"
+        self._stopping.set()
+
+    async def close(self) -> None:
+        async with self.model_lock:
+            await asyncio.to_thread(self._checkpoint)
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.control_socket.unlink()
+        log.info("node %s stopped at round %d", self.identity.short_id,
+                 self.engine.round)
+
+    def _checkpoint(self) -> None:
+        size = checkpoint.save(self.checkpoint_path, self.engine)
+        self.last_checkpoint_at = time.time()
+        log.debug("checkpoint of %d bytes written at round %d", size,
+                  self.engine.round)
+
+    # --- rounds ---------------------------------------------------------------------
+
+    async def _round_loop(self, client: GossipClient) -> None:
+        g = self.config.gossip
+        while g.max_rounds == 0 or self.engine.round < g.max_rounds:
+            began = time.monotonic()
+            async with self.model_lock:
+                self.loss = await asyncio.to_thread(
+                    self.task.train, self.flat.model, g.local_steps, self.engine.round)
+                self.engine.round += 1
+                if self.engine.round % g.eval_interval_rounds == 0:
+                    self.accuracy = await asyncio.to_thread(self.task.evaluate,
+                                                            self.flat.model)
+            self.last_round_at = time.time()
+            for peer in self.peers.pick(g.fanout, set(self._in_flight), self.rng):
+                task = asyncio.create_task(self._exchange(client, peer.public_key,
+                                                          peer.address))
+                self._in_flight[peer.public_key] = task
+            if self._in_flight:
+                await asyncio.wait(list(self._in_flight.values()),
+                                   timeout=max(0.05, g.round_interval_s))
+            if time.time() - self.last_checkpoint_at >= g.checkpoint_interval_s:
+                async with self.model_lock:
+                    await asyncio.to_thread(self._checkpoint)
+            rest = g.round_interval_s - (time.monotonic() - began)
+            await asyncio.sleep(max(rest, 0.0))
+        self.state = "finished"
+        log.info("finished %d rounds, accuracy %.3f; serving peers until stopped",
+                 self.engine.round, self.accuracy or 0.0)
+
+    async def _exchange(self, client: GossipClient, peer: bytes, address: str) -> None:
+        try:
+            async with self.model_lock:
+                pending = await asyncio.to_thread(self.engine.start, peer)
+            if pending is None:
+                return
+            await self._complete(client, pending, address)
+        finally:
+            self._in_flight.pop(peer, None)
+
+    async def _complete(self, client: GossipClient, pending: Pending,
+                        address: str) -> None:
+        peer = pending.peer
+        try:
+            reply = await client.exchange(address, pending.request)
+        except PeerUnreachable as exc:
+            self.engine.abort(pending, None)
+            delay = self.peers.failed(peer, str(exc))
+            log.info("%s unreachable (%s); backing off %.0f s", short_id(peer), exc,
+                     delay)
+            return
+        except PeerRefusal as exc:
+            self.engine.abort(pending, exc, exc.epoch)
+            if exc.reason == "edge-busy":
+                log.debug("%s edge busy; trying another peer next round",
+                          short_id(peer))
+            else:
+                log.info("%s refused our message: %s: %s", short_id(peer),
+                         exc.reason, exc.detail)
+                self.peers.failed(peer, exc.reason)
+            return
+        except asyncio.CancelledError:
+            self.engine.abort(pending, None)
+            raise
+        try:
+            async with self.model_lock:
+                await asyncio.to_thread(self.engine.finish, pending, reply)
+        except MessageRefused as exc:
+            self._note_refusal(peer, address, exc)
+            self.peers.failed(peer, exc.reason)
+            return
+        self.peers.succeeded(peer)
+
+    # --- serving ------------------------------------------------------------------
+
+    async def handle_exchange(self, body: bytes, remote: str) -> bytes:
+        try:
+            async with self.model_lock:
+                return await asyncio.to_thread(self.engine.respond, body,
+                                               self.peers.is_member)
+        except MessageRefused as exc:
+            claimed = bytes(body[8:40]) if len(body) >= 40 else b""
+            self._note_refusal(claimed, remote, exc)
+            raise
+
+    def edge_epoch(self, peer: bytes) -> int | None:
+        edge = self.engine.edges.get(peer)
+        return None if edge is None else edge.epoch
+
+    def _note_refusal(self, claimed: bytes, remote: str, exc: MessageRefused) -> None:
+        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+        who = short_id(claimed) if claimed else "?"
+        if claimed and self.peers.is_member(claimed):
+            self.engine.refused(claimed, exc.reason)
+        elif claimed and exc.reason == "unknown-sender":
+            entry = self.strangers.setdefault(claimed.hex(), {
+                "id": claimed.hex(), "address": remote, "messages": 0,
+                "reason": exc.reason})
+            entry["messages"] += 1
+        if exc.reason == "own-identity" and remote not in self.duplicate_identity:
+            self.duplicate_identity.append(remote)
+            log.error("another node at %s uses this node's identity %s; give each "
+                      "box its own key ('gossipfl init')", remote,
+                      self.identity.short_id)
+        count = self.engine.counts_for(claimed).refused if claimed else {}
+        level = logging.WARNING if count.get(exc.reason, 1) <= REFUSAL_LOG_LIMIT \
+            else logging.DEBUG
+        log.log(level, "%s (%s) message refused: %s: %s", who, remote, exc.reason,
+                exc.detail)
+
+    # --- control ------------------------------------------------------------------
+
+    async def _status_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def _model_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.engine.model.tobytes(),
+                            content_type="application/octet-stream")
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        g = self.config.gossip
+        peers = []
+        for key, peer in self.peers.peers.items():
+            counts = self.engine.counts_for(key)
+            peers.append({
+                "id": key.hex(), "short_id": short_id(key), "name": peer.name,
+                "address": peer.address, "sources": sorted(peer.sources),
+                "last_exchange": counts.last_exchange or None,
+                "exchanges": counts.exchanges, "bytes_in": counts.bytes_in,
+                "bytes_out": counts.bytes_out, "peer_round": counts.last_round,
+                "failures": peer.failures, "last_error": peer.last_error or None,
+                "refused": dict(counts.refused),
+                "state": "backoff" if peer.backoff_until > time.monotonic()
+                else "live",
+            })
+        all_counts = self.engine.counts.values()
+        problems = self._problems(now, peers)
+        status: dict[str, Any] = {
+            "schema": STATUS_SCHEMA,
+            "version": __version__,
+            "node": {"id": self.identity.node_id, "short_id": self.identity.short_id,
+                     "name": self.config.node.name, "pid": os.getpid(),
+                     "listen": self.config.node.listen, "port": self.listen_port},
+            "state": self.state,
+            "round": self.engine.round,
+            "max_rounds": g.max_rounds,
+            "model_version": self.engine.model_version,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "task": self.task.name,
+            "parameters": self.flat.dim,
+            "manifest": self.flat.manifest.hex(),
+            "compression": g.compression,
+            "merge_path": self.merge_path,
+            "bytes_sent": sum(c.bytes_out for c in all_counts),
+            "bytes_received": sum(c.bytes_in for c in all_counts),
+            "dense_equivalent_sent": sum(c.dense_equivalent_out for c in all_counts),
+            "exchanges": sum(c.exchanges for c in all_counts),
+            "peers": peers,
+            "refused": dict(self.refused),
+            "strangers": list(self.strangers.values()),
+            "duplicate_identity": list(self.duplicate_identity),
+            "uptime_s": round(now - self.started, 3),
+            "last_round_at": self.last_round_at or None,
+            "last_checkpoint_at": self.last_checkpoint_at or None,
+            "healthy": not problems,
+            "problems": problems,
+        }
+        for extra in self.extra_status:
+            status.update(extra())
+        return status
+
+    def _problems(self, now: float, peers: list[dict[str, Any]]) -> list[str]:
+        g = self.config.gossip
+        problems = []
+        if self.duplicate_identity:
+            problems.append("another node uses this node's identity")
+        if not peers:
+            problems.append("no peers")
+        elif not any(p["state"] == "live" for p in peers):
+            problems.append("every peer is backed off")
+        last = max((p["last_exchange"] or 0 for p in peers), default=0)
+        if peers and self.state == "running" and now - max(last, self.started) > \
+                g.stale_after_s:
+            problems.append(f"no exchange for more than {g.stale_after_s:g} s")
+        return problems
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve(node: Node) -> None:
+    """Run ``node`` until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop)
+    await node.run()
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """``asyncio.run`` on uvloop when it is installed (0.17 has no ``uvloop.run``)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run
+
+
+def run_daemon(config: Config) -> int:
+    """Entry point of ``gossipfl daemon``: returns the process exit code."""
+    configure_logging(config.node.log_level)
+    torch.set_num_threads(1)
+
+    async def main() -> None:
+        await serve(Node(config))
+
+    try:
+        event_loop_runner()(main())
+    except GossipflError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
