@@ -115,9 +115,19 @@ class Header:
         return bool(self.flags & FLAG_RESET)
 
 
-def max_message_bytes(dim: int) -> int:
-    """The largest well-formed message for a ``dim``-vector: a dense one."""
+def dense_message_bytes(dim: int) -> int:
+    """The size of a dense float32 message of a ``dim``-vector."""
     return OVERHEAD_BYTES + 4 * dim
+
+
+def max_message_bytes(dim: int) -> int:
+    """A cap no well-formed message of a ``dim``-vector exceeds.
+
+    With every entry kept and block size 1, a top-k message carries per entry up to
+    one unary byte, four bytes of low bits, one value byte and a four-byte scale:
+    more than a dense one. Ten bytes per entry bounds every codec.
+    """
+    return OVERHEAD_BYTES + 16 + 10 * dim
 
 
 # --- encoding -------------------------------------------------------------------

@@ -60,6 +60,7 @@ from .codec import (
     FLAG_RESET,
     Header,
     Kind,
+    dense_message_bytes,
     encode_message,
     max_message_bytes,
     parse_header,
@@ -115,9 +116,9 @@ class ExchangeCounts:
     refused: dict[str, int] = field(default_factory=dict)
 
 
-def edge_rng(epoch: int, seq: int, kind: Kind) -> np.random.Generator:
-    """The rounding noise of one message, shared by identical senders."""
-    return np.random.default_rng([epoch, seq, int(kind)])
+def edge_rng(epoch: int, seq: int) -> np.random.Generator:
+    """The rounding noise of one exchange: both ends draw the same."""
+    return np.random.default_rng([epoch, seq])
 
 
 class GossipEngine:
@@ -181,7 +182,7 @@ class GossipEngine:
             return None
         reset = edge.reset_epoch is not None
         epoch, seq = (edge.reset_epoch or 0, 0) if reset else (edge.epoch, edge.seq)
-        sent = self._compress(edge, reset, epoch, seq, Kind.REQUEST)
+        sent = self._compress(edge, reset, epoch, seq)
         request = encode_message(self.identity, sent, kind=Kind.REQUEST,
                                  receiver=peer, round=self.round, epoch=epoch,
                                  seq=seq, manifest=self.manifest,
@@ -239,8 +240,7 @@ class GossipEngine:
         try:
             theirs = self._base(edge.theirs, header.reset)
             self.merge(theirs, [(request, header)], [1.0])
-            sent = self._compress(edge, header.reset, header.epoch, header.seq,
-                                  Kind.RESPONSE)
+            sent = self._compress(edge, header.reset, header.epoch, header.seq)
             mine = self._base(edge.mine, header.reset)
             _add(mine, sent)
             reply = encode_message(self.identity, sent, kind=Kind.RESPONSE,
@@ -305,12 +305,12 @@ class GossipEngine:
             raise MessageRefused("malformed", "a reset must be dense")
         return header
 
-    def _compress(self, edge: Edge, reset: bool, epoch: int, seq: int,
-                  kind: Kind) -> Compressed:
+    def _compress(self, edge: Edge, reset: bool, epoch: int, seq: int
+                  ) -> Compressed:
         if reset:
-            return compress(self.model, DENSE, edge_rng(epoch, seq, kind))
+            return compress(self.model, DENSE, edge_rng(epoch, seq))
         gap: F32 = self.model - edge.mine
-        return compress(gap, self.spec, edge_rng(epoch, seq, kind))
+        return compress(gap, self.spec, edge_rng(epoch, seq))
 
     @staticmethod
     def _base(copy: F32, reset: bool) -> F32:
@@ -336,7 +336,7 @@ class GossipEngine:
     def _count_out(self, peer: bytes, sent: Compressed, size: int) -> None:
         counts = self.counts_for(peer)
         counts.bytes_out += size
-        counts.dense_equivalent_out += max_message_bytes(sent.dim)
+        counts.dense_equivalent_out += dense_message_bytes(sent.dim)
 
     def refused(self, peer: bytes, reason: str) -> None:
         refused = self.counts_for(peer).refused
