@@ -111,7 +111,8 @@ class Node:
                  self.task.name, self.flat.dim, self.config.gossip.compression,
                  self.merge_path)
         host, port = parse_listen(self.config.node.listen)
-        gossip_app = make_app(self.handle_exchange, self.max_bytes, self.edge_epoch)
+        gossip_app = make_app(self.handle_exchange, self.max_bytes, self.edge_epoch,
+                              self._note_refusal)
         runner = web.AppRunner(gossip_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -253,14 +254,9 @@ class Node:
     # --- serving ------------------------------------------------------------------
 
     async def handle_exchange(self, body: bytes, remote: str) -> bytes:
-        try:
-            async with self.model_lock:
-                return await asyncio.to_thread(self.engine.respond, body,
-                                               self.peers.is_member)
-        except MessageRefused as exc:
-            claimed = bytes(body[8:40]) if len(body) >= 40 else b""
-            self._note_refusal(claimed, remote, exc)
-            raise
+        async with self.model_lock:
+            return await asyncio.to_thread(self.engine.respond, body,
+                                           self.peers.is_member)
 
     def edge_epoch(self, peer: bytes) -> int | None:
         edge = self.engine.edges.get(peer)

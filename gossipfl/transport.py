@@ -42,6 +42,7 @@ STATUS = {
 }
 
 Handler = Callable[[bytes, str], Awaitable[bytes]]
+RefusalHook = Callable[[bytes, str, MessageRefused], None]
 
 
 class PeerUnreachable(GossipflError):
@@ -56,8 +57,14 @@ def refusal_response(exc: MessageRefused, epoch: int | None = None) -> web.Respo
 
 
 def make_app(handler: Handler, max_bytes: int,
-             edge_epoch: Callable[[bytes], int | None]) -> web.Application:
-    """The gossip server app; ``handler(body, remote)`` returns the reply bytes."""
+             edge_epoch: Callable[[bytes], int | None],
+             on_refusal: RefusalHook) -> web.Application:
+    """The gossip server app; ``handler(body, remote)`` returns the reply bytes.
+
+    Every refusal, the transport's own (size) and the handler's, is reported to
+    ``on_refusal(claimed_sender, remote, error)`` before the 4xx goes out; the
+    claimed sender is unverified and empty when the body is too short to say.
+    """
 
     async def exchange(request: web.Request) -> web.StreamResponse:
         remote = request.remote or "?"
@@ -71,6 +78,7 @@ def make_app(handler: Handler, max_bytes: int,
             reply = await handler(body, remote)
         except MessageRefused as exc:
             sender = body_sender(body)
+            on_refusal(sender or b"", remote, exc)
             return refusal_response(exc, edge_epoch(sender) if sender else None)
         return web.Response(body=reply, content_type=CONTENT_TYPE)
 

@@ -73,7 +73,7 @@ def test_sparse_message_is_close_to_two_bytes_per_nonzero() -> None:
 
 
 def test_empty_delta_encodes_as_zero_entries() -> None:
-    data, out = message(np.zeros(50, dtype=np.float32))
+    data, _out = message(np.zeros(50, dtype=np.float32))
     header = parse_header(data, len(data))
     assert header.nnz == 0
     indices, values = decode_delta(data, header)

@@ -44,7 +44,7 @@ def test_quantizer_is_unbiased_and_error_shrinks_like_one_over_sqrt_t(
     spec = CompressionSpec(codec, fraction=1.0, block=64)
     trials = {16: [], 1024: []}  # type: dict[int, list[float]]
     for t in trials:
-        for rep in range(8):
+        for _rep in range(8):
             total = np.zeros(256, dtype=np.float64)
             for _ in range(t):
                 total += densify(compress(delta, spec, rng))
