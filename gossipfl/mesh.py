@@ -317,8 +317,12 @@ class WireGuardBackend(abc.ABC):
             raise
         logger.info(
             "%s up (%s): %s, port %d, mtu %d",
-            ifname, self.kind, address, listen_port, mtu,
-        )  # fmt: skip
+            ifname,
+            self.kind,
+            address,
+            listen_port,
+            mtu,
+        )
 
     async def set_peer(
         self,
@@ -339,8 +343,11 @@ class WireGuardBackend(abc.ABC):
         config.peers[public_key] = peer
         logger.debug(
             "%s peer set on %s: endpoint %s, allowed %s",
-            short_id(public_key), config.ifname, endpoint, ",".join(nets),
-        )  # fmt: skip
+            short_id(public_key),
+            config.ifname,
+            endpoint,
+            ",".join(nets),
+        )
 
     async def remove_peer(self, public_key: bytes) -> None:
         config = self._require_up()
@@ -408,10 +415,17 @@ class KernelBackend(WireGuardBackend):
         )
         self._created = True
         await self._run(
-            ["wg", "set", config.ifname, "private-key", "/dev/stdin",
-             "listen-port", str(config.listen_port)],
+            [
+                "wg",
+                "set",
+                config.ifname,
+                "private-key",
+                "/dev/stdin",
+                "listen-port",
+                str(config.listen_port),
+            ],
             wg_key_text(config.private_key).encode() + b"\n",
-        )  # fmt: skip
+        )
 
     async def _set_peer(self, public_key: bytes, peer: _PeerConfig) -> None:
         config = self._require_up()
@@ -717,9 +731,12 @@ class UserspaceBackend(WireGuardBackend):
             self.restarts += 1
             logger.error(
                 "%s: wireguard-go exited with %s: %s; restarting, try %d of %d",
-                config.ifname, code, self._recent_output(), self.restarts,
+                config.ifname,
+                code,
+                self._recent_output(),
+                self.restarts,
                 self._uc.max_restarts,
-            )  # fmt: skip
+            )
             await asyncio.sleep(self._uc.restart_backoff_s)
             try:
                 async with self._lock:
@@ -729,8 +746,9 @@ class UserspaceBackend(WireGuardBackend):
                 continue  # the dead child is awaited again and counted
             logger.info(
                 "%s: wireguard-go restarted, %d peers replayed",
-                config.ifname, len(config.peers),
-            )  # fmt: skip
+                config.ifname,
+                len(config.peers),
+            )
 
     async def _respawn(self, config: _InterfaceConfig) -> None:
         with contextlib.suppress(FileNotFoundError):

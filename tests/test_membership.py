@@ -59,9 +59,13 @@ def test_forged_signature_is_refused_before_expiry_is_looked_at() -> None:
     mesh, node = SigningKey.generate(), Identity.generate()
     cert = _cert(mesh, node, expires=NOW + 10)
     forged = mb.Certificate(
-        cert.mesh_public_key, cert.node_public_key, "evil", cert.issued_at,
-        cert.expires_at, cert.signature,
-    )  # fmt: skip
+        cert.mesh_public_key,
+        cert.node_public_key,
+        "evil",
+        cert.issued_at,
+        cert.expires_at,
+        cert.signature,
+    )
 
     with pytest.raises(MessageRefused) as info:
         mb.verify_certificate(forged, bytes(mesh.verify_key), NOW + 100)

@@ -107,9 +107,14 @@ def test_parse_uapi_get() -> None:
     )
     first, second = mesh.parse_uapi_get(text)
     assert first == mesh.WgPeerStats(
-        key1, ("198.51.100.11", 51820), 1700000000.5, 10, 20,
-        ("fd00::1/128", "fd00::2/128"), 25,
-    )  # fmt: skip
+        key1,
+        ("198.51.100.11", 51820),
+        1700000000.5,
+        10,
+        20,
+        ("fd00::1/128", "fd00::2/128"),
+        25,
+    )
     assert second.endpoint == ("2001:db8::1", 7)
     assert second.last_handshake_s is None
 
