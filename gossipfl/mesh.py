@@ -183,6 +183,19 @@ class AddressTable:
         return self._owner.get(address)
 
 
+# Background tasks.
+
+
+def log_task_failure(task: asyncio.Task[None]) -> None:
+    """Done-callback for long-lived tasks: a crash is logged with its traceback.
+
+    Without it an exception in a background task is silent until the task object
+    is garbage collected; the bug it shows must not hide.
+    """
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("task %r crashed", task.get_name(), exc_info=exc)
+
+
 # Commands.
 
 Runner = Callable[[Sequence[str], bytes | None], Awaitable[str]]
@@ -643,6 +656,7 @@ class UserspaceBackend(WireGuardBackend):
         self._supervisor = asyncio.create_task(
             self._supervise(), name=f"wireguard-go {config.ifname}"
         )
+        self._supervisor.add_done_callback(log_task_failure)
 
     async def _spawn(self) -> None:
         config = self._require_up()

@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -49,3 +50,36 @@ class JsonLines:
                 return event
             if event.get("event") == "error":
                 raise RuntimeError(f"pid {self.proc.pid} failed: {event}")
+
+
+def collect_until(
+    readers: list[JsonLines], done: Callable[[], bool], timeout_s: float
+) -> bool:
+    """Read lines from every reader into ``.seen`` until ``done()`` or the deadline.
+
+    True when ``done()`` held in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    by_fd = {r.fd: r for r in readers}
+    for reader in readers:  # lines already buffered by an earlier read
+        _split(reader)
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select(list(by_fd), [], [], min(left, 0.5))
+        for fd in ready:
+            reader = by_fd[fd]
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                del by_fd[fd]
+                continue
+            reader.buffer += chunk
+            _split(reader)
+    return True
+
+
+def _split(reader: JsonLines) -> None:
+    while b"\n" in reader.buffer:
+        line, reader.buffer = reader.buffer.split(b"\n", 1)
+        reader.seen.append(json.loads(line))
