@@ -24,8 +24,12 @@ from gossipfl.identity import IDENTITY_FILE, load_or_create_identity
 pytestmark = pytest.mark.netns
 
 HELPER = Path(__file__).parent / "helpers" / "mdns_node.py"
+REPO = Path(__file__).parent.parent
 ENV = {
-    "PYTHONPATH": str(Path(__file__).parent.parent),
+    # The caller's PYTHONPATH is kept so that another zeroconf can be tried.
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+    ),
     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
 }
 FIND_S = 15.0
@@ -76,7 +80,8 @@ def nodes(
             )
         readers = [JsonLines(p) for p in procs]
         for reader in readers:
-            reader.wait_for("started", 20)
+            started = reader.wait_for("started", 20)
+        print("zeroconf", started["zeroconf"])  # shown with -s or on failure
         yield lab, keys, readers
     finally:
         for proc in procs:

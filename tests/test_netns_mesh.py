@@ -23,7 +23,13 @@ pytestmark = pytest.mark.netns
 
 HELPERS = Path(__file__).parent / "helpers"
 REPO = Path(__file__).parent.parent
-ENV = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+ENV = {
+    # The caller's PYTHONPATH is kept so that another zeroconf can be tried.
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+    ),
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+}
 
 
 def _reap(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:

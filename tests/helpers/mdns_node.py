@@ -15,6 +15,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import zeroconf
+
 from gossipfl import membership as mb
 from gossipfl.discovery import DiscoveredPeer, DiscoveryConfig, MdnsDiscovery
 from gossipfl.identity import load_identity
@@ -57,7 +59,7 @@ async def main() -> None:
     config = DiscoveryConfig(grace_s=args.grace, address_poll_s=0.5, tick_s=0.2)
     discovery = MdnsDiscovery(identity, membership, PrintingSink(), 51820, 8080, config)
     await discovery.start()
-    emit(event="started", instance=discovery.instance)
+    emit(event="started", instance=discovery.instance, zeroconf=zeroconf.__version__)
     loop = asyncio.get_running_loop()
     try:
         while True:
