@@ -70,7 +70,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -526,7 +526,7 @@ class DiscoveryStatus:
     peers: int
     strangers: int
     garbage: int
-    duplicate_identity: list[str]  # addresses advertising our key; empty is good
+    duplicate_identity: list[str]  # addresses seen with our key since start
 
 
 def instance_label(hostname: str, public_key: bytes, run_tag: str) -> str:
@@ -552,7 +552,7 @@ class MdnsDiscovery:
         config: DiscoveryConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        addresses: Callable[[], Any] | None = None,
+        addresses: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         self._config = config or DiscoveryConfig()
         self._identity = identity

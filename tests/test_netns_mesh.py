@@ -234,3 +234,33 @@ def test_link_cut_and_heal(make_lab: Callable[[int], labmod.Lab]) -> None:
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_choose_backend_probe_leaves_no_link(
+    make_lab: Callable[[int], labmod.Lab],
+) -> None:
+    lab = make_lab(1)
+    probe = (
+        "import asyncio; from gossipfl.mesh import choose_backend;"
+        " print(asyncio.run(choose_backend()).kind)"
+    )
+    before = labmod.lab_exec(lab, 0, ["ip", "-o", "link", "show"]).stdout
+    kernel = labmod.lab_exec(
+        lab, 0, ["ip", "link", "add", "gflk0", "type", "wireguard"], False
+    )
+    if kernel.returncode == 0:
+        labmod.lab_exec(lab, 0, ["ip", "link", "del", "gflk0"])
+
+    chosen = subprocess.run(
+        ["ip", "netns", "exec", lab.nodes[0].netns, sys.executable, "-c", probe],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+
+    assert chosen.stdout.strip() == (
+        "kernel" if kernel.returncode == 0 else "userspace"
+    )
+    assert labmod.lab_exec(lab, 0, ["ip", "-o", "link", "show"]).stdout == before
