@@ -59,6 +59,23 @@ class GossipSection:
 
 
 @dataclass(frozen=True)
+class MeshSection:
+    """``gossipfl up``: the WireGuard mesh and discovery (absent: no mesh)."""
+
+    interface: str = "gfl0"
+    listen_port: int = 51820  # WireGuard, UDP, on the underlay
+    gossip_port: int = DEFAULT_PORT  # HTTP, on the mesh address only
+    mtu: int = 1420
+    backend: str = "auto"
+    seeds: tuple[str, ...] = ()
+    underlay_interfaces: tuple[str, ...] = ()
+    mdns: bool = True
+    lost_after_s: float = 30.0
+    keepalive_s: int = 25
+    record_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     public_key: bytes
     address: str
@@ -72,6 +89,7 @@ class Config:
     gossip: GossipSection
     peers: tuple[PeerEntry, ...]
     path: Path | None = None
+    mesh: MeshSection | None = None
 
     @property
     def control_socket(self) -> Path:
@@ -97,6 +115,12 @@ LIMITS: dict[str, tuple[float, float]] = {
     "gossip.checkpoint_interval_s": (0.1, 86400.0),
     "gossip.eval_interval_rounds": (1, 1 << 20),
     "gossip.stale_after_s": (1.0, 86400.0),
+    "mesh.listen_port": (1, 65535),
+    "mesh.gossip_port": (1, 65535),
+    "mesh.mtu": (1280, 65535),
+    "mesh.lost_after_s": (1.0, 86400.0),
+    "mesh.keepalive_s": (0, 65535),
+    "mesh.record_interval_s": (1.0, 86400.0),
 }
 
 
@@ -110,6 +134,10 @@ def _coerce(section: str, key: str, value: Any, default: Any, annotation: str,
             raise ConfigError(f"{where} must be a path string, got {value!r}")
         path = Path(value)
         return path if path.is_absolute() else (base / path)
+    if "tuple" in annotation:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
     if "dict" in annotation:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {value!r}")
@@ -198,10 +226,10 @@ def load_config(path: Path) -> Config:
 
 def config_from_dict(raw: dict[str, Any], base: Path, path: Path | None = None
                      ) -> Config:
-    unknown = sorted(set(raw) - {"node", "task", "gossip", "peers"})
+    unknown = sorted(set(raw) - {"node", "task", "gossip", "mesh", "peers"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: node, "
-                          "task, gossip, peers")
+                          "task, gossip, mesh, peers")
     node = _section(NodeSection, raw.get("node", {}), "node", base)
     task = _section(TaskSection, raw.get("task", {}), "task", base)
     gossip = _section(GossipSection, raw.get("gossip", {}), "gossip", base)
@@ -212,4 +240,10 @@ def config_from_dict(raw: dict[str, Any], base: Path, path: Path | None = None
     if node.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"node.log_level {node.log_level!r} is not one of debug, "
                           "info, warning, error")
-    return Config(node, task, gossip, _peers(raw.get("peers", []), base), path)
+    mesh = None
+    if "mesh" in raw:
+        mesh = _section(MeshSection, raw["mesh"], "mesh", base)
+        if mesh.backend not in ("auto", "kernel", "userspace"):
+            raise ConfigError(f"mesh.backend {mesh.backend!r} is not one of auto, "
+                              "kernel, userspace")
+    return Config(node, task, gossip, _peers(raw.get("peers", []), base), path, mesh)

@@ -27,8 +27,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
@@ -46,6 +46,20 @@ from .train import FlatModel, Task, TaskContext, load_task
 from .transport import GossipClient, PeerRefusal, PeerUnreachable, make_app
 
 log = logging.getLogger(__name__)
+
+
+class Notifier(Protocol):
+    """What the node tells a service manager (see gossipfl.notify)."""
+
+    def ready(self) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+    def watchdog(self) -> None: ...
+
+    def stopping(self) -> None: ...
+
+    def watchdog_interval_s(self) -> float | None: ...
 
 STATUS_SCHEMA = 1
 REFUSAL_LOG_LIMIT = 1  # refusals of one (peer, reason) logged at WARNING, then DEBUG
@@ -97,7 +111,12 @@ class Node:
         self._stopping = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self.listen_port = 0
+        # Hooks for the mesh layer (gossipfl.up): more routes on the gossip server,
+        # more fields in status, per peer and for the node.
+        self.extra_routes: list[tuple[str, str, Callable[[web.Request],
+                                                         Awaitable[web.Response]]]] = []
         self.extra_status: list[Callable[[], dict[str, Any]]] = []
+        self.peer_status: list[Callable[[bytes], dict[str, Any]]] = []
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -113,6 +132,8 @@ class Node:
         host, port = parse_listen(self.config.node.listen)
         gossip_app = make_app(self.handle_exchange, self.max_bytes, self.edge_epoch,
                               self._note_refusal)
+        for method, route, handler in self.extra_routes:
+            gossip_app.router.add_route(method, route, handler)
         runner = web.AppRunner(gossip_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -142,20 +163,49 @@ class Node:
             os.umask(old_umask)
         self._runners.append(runner)
 
-    async def run(self) -> None:
+    async def run(self, notifier: Notifier | None = None) -> None:
         """Start, gossip until stopped, then checkpoint and close."""
         await self.start()
+        if notifier is not None:
+            notifier.ready()
+        try:
+            await self.serve_rounds(notifier)
+        finally:
+            await self.close()
+
+    async def serve_rounds(self, notifier: Notifier | None = None) -> None:
+        """Run rounds (and keep a service manager informed) until ``stop()``."""
         client = GossipClient(self.max_bytes, self.config.gossip.exchange_timeout_s)
         async with client:
-            rounds = asyncio.create_task(self._round_loop(client))
+            tasks = [asyncio.create_task(self._round_loop(client))]
+            if notifier is not None:
+                tasks.append(asyncio.create_task(self._keep_informed(notifier)))
             await self._stopping.wait()
-            rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await rounds
+            if notifier is not None:
+                notifier.stopping()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for task in list(self._in_flight.values()):
                 task.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        await self.close()
+
+    async def _keep_informed(self, notifier: Notifier) -> None:
+        """STATUS lines, and WATCHDOG pings only while gossip makes progress."""
+        interval = notifier.watchdog_interval_s() or 10.0
+        last = (-1, -1)
+        while True:
+            live = len(self.peers.live())
+            exchanges = sum(c.exchanges for c in self.engine.counts.values())
+            notifier.status(f"round {self.engine.round}, {live} live peer(s), "
+                            f"{exchanges} exchanges, accuracy "
+                            f"{(self.accuracy or 0.0):.3f}")
+            now = (self.engine.round, exchanges)
+            finished = self.state == "finished"
+            if now != last or finished or not self.peers.peers:
+                notifier.watchdog()
+            last = now
+            await asyncio.sleep(interval / 2)
 
     def stop(self) -> None:
         self.state = "stopping"
@@ -309,6 +359,8 @@ class Node:
                 "state": "backoff" if peer.backoff_until > time.monotonic()
                 else "live",
             })
+            for more in self.peer_status:
+                peers[-1].update(more(key))
         all_counts = self.engine.counts.values()
         problems = self._problems(now, peers)
         status: dict[str, Any] = {
