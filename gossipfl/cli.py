@@ -84,7 +84,202 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=None,
                       help="keep configs, state and logs here (default: a temporary "
                            "directory, removed afterwards)")
+    init = sub.add_parser(
+        "init", help="make this box's identity, state directory and config",
+        description="Make the node's Ed25519 key pair in the state directory (0700, "
+                    "key 0600) if there is none, and write a config file (0600) if "
+                    "there is none. Prints the node id to have signed with 'gossipfl "
+                    "mesh sign'. Never overwrites a key or a config.")
+    init.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                      help=f"config file to write when missing (default "
+                           f"{DEFAULT_CONFIG})")
+    init.add_argument("--state-dir", type=Path, default=None,
+                      help="state directory (default: the config's, else "
+                           "/var/lib/gossipfl)")
+    init.add_argument("--name", default=None, help="node name (default: host name)")
+
+    mesh_cmd = sub.add_parser(
+        "mesh", help="membership: make a mesh key, sign and join nodes",
+        description="A mesh key signs one certificate per node; only nodes holding "
+                    "a certificate from it are added as WireGuard peers or accepted "
+                    "as gossip senders. Keep the mesh key on an operator's box.")
+    mesh_sub = mesh_cmd.add_subparsers(dest="mesh_command", required=True,
+                                       metavar="ACTION")
+    create = mesh_sub.add_parser("create", help="make a new mesh key pair",
+                                 description="Write mesh.key (0600, secret) and "
+                                             "mesh.pub into --dir and print the "
+                                             "public key. Refuses to overwrite.")
+    create.add_argument("--dir", type=Path, default=Path("mesh"),
+                        help="where the mesh key goes (default ./mesh)")
+    sign = mesh_sub.add_parser("sign", help="sign a node's public key",
+                               description="Print a certificate for NODE_KEY (the "
+                                           "node id 'gossipfl init' printed) to "
+                                           "hand to that node's 'gossipfl mesh join'.")
+    sign.add_argument("node_key", metavar="NODE_KEY")
+    sign.add_argument("--name", required=True, help="the node's name (<= 32 bytes)")
+    sign.add_argument("--dir", type=Path, default=Path("mesh"),
+                      help="where the mesh key is (default ./mesh)")
+    sign.add_argument("--valid-days", type=float, default=None,
+                      help="expiry in days (default: no expiry)")
+    join = mesh_sub.add_parser("join", help="install this node's certificate",
+                               description="Check CERT against this node's key and "
+                                           "the mesh public key, then store both in "
+                                           "the state directory.")
+    join.add_argument("cert", metavar="CERT", help="certificate text, or @FILE")
+    join.add_argument("--mesh-key", default=None,
+                      help="the mesh public key to trust (default: the one stored, "
+                           "else the one the certificate names)")
+    join.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                      help=f"the node's config (default {DEFAULT_CONFIG})")
+
+    up = sub.add_parser(
+        "up", help="bring up the WireGuard mesh and run the node (foreground)",
+        description="Create the WireGuard interface (kernel module, else "
+                    "wireguard-go), advertise and browse mDNS on the underlay, add "
+                    "verified members as peers, and run the node with gossip served "
+                    "on the mesh address only. Runs until SIGINT/SIGTERM; then "
+                    "removes the interface. Tells systemd READY=1 once up.")
+    up.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                    help=f"config file with a [mesh] section (default "
+                         f"{DEFAULT_CONFIG})")
+    down = sub.add_parser(
+        "down", help="stop 'gossipfl up' and remove what it made",
+        description="Stop a running 'gossipfl up' (SIGTERM, then SIGKILL after "
+                    "20 s) and remove its interface, wireguard-go process and UAPI "
+                    "socket, also after a crash.")
+    down.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+
+    lab = sub.add_parser(
+        "lab", help="N nodes in network namespaces, each running 'gossipfl up'",
+        description="Root only. A lab is N network namespaces on one bridge "
+                    "(198.51.100.0/24), each with a private /run/wireguard, a "
+                    "member certificate and a digits shard, each running "
+                    "'gossipfl up'. 'lab down' removes everything.")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lab_up = lab_sub.add_parser("up", help="make the lab and start the nodes")
+    lab_up.add_argument("--nodes", type=int, default=4)
+    lab_up.add_argument("--rounds", type=int, default=150)
+    lab_up.add_argument("--root", type=Path, default=LAB_ROOT)
+    lab_up.add_argument("--no-watch", action="store_true",
+                        help="return once the nodes are started")
+    for action in ("status", "down"):
+        p = lab_sub.add_parser(action, help=f"{action} the lab")
+        p.add_argument("--root", type=Path, default=LAB_ROOT)
+
+    wg_export = sub.add_parser(
+        "wg-export", help="print the running mesh as a wg-quick config",
+        description="Print the node's current WireGuard interface and peers in "
+                    "wg-quick(8) format, for inspection with wg(8). The private key "
+                    "is left out unless --with-private-key.")
+    wg_export.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    wg_export.add_argument("--with-private-key", action="store_true")
     return parser
+
+
+LAB_ROOT = Path("/tmp/gossipfl-lab")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import socket
+
+    from .identity import load_or_create_identity
+    from .mesh import wg_key_text, wg_public_key
+
+    config_path: Path = args.config
+    if config_path.exists():
+        config = load_config(config_path)
+        state_dir = args.state_dir or config.node.state_dir
+        wrote = False
+    else:
+        state_dir = args.state_dir or Path("/var/lib/gossipfl")
+        name = args.name or socket.gethostname()
+        config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        from .identity import write_private_file
+
+        write_private_file(config_path, INIT_CONFIG.format(
+            name=name, state_dir=state_dir).encode())
+        wrote = True
+    identity, made = load_or_create_identity(state_dir)
+    print(f"node id     {identity.node_id}")
+    print(f"wireguard   {wg_key_text(wg_public_key(identity.public_key))}")
+    print(f"state dir   {state_dir} ({'new key' if made else 'key kept'})")
+    print(f"config      {config_path} ({'written' if wrote else 'kept'})")
+    print("next: on the operator's box run 'gossipfl mesh sign "
+          f"{identity.node_id} --name NAME', then here 'gossipfl mesh join CERT'")
+    return 0
+
+
+INIT_CONFIG = """\
+# gossipfl node configuration; every key: docs/configuration.md
+[node]
+name = "{name}"
+state_dir = "{state_dir}"
+
+[task]
+name = "digits"
+
+[gossip]
+compression = "topk-int8"
+
+[mesh]
+interface = "gfl0"
+listen_port = 51820
+gossip_port = 7400
+"""
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from . import membership as mb
+    from .identity import load_identity
+
+    if args.mesh_command == "create":
+        public = mb.create_mesh(args.dir)
+        print(f"mesh key    {args.dir / 'mesh.key'} (secret: keep it on this box)")
+        print(f"public key  {mb.encode_key(public)}")
+        return 0
+    if args.mesh_command == "sign":
+        valid = None if args.valid_days is None else int(args.valid_days * 86400)
+        print(mb.sign_node(args.dir, args.node_key, args.name, valid).to_text())
+        return 0
+    config = load_config(args.config)
+    cert = args.cert
+    if cert.startswith("@"):
+        cert = Path(cert[1:]).read_text()
+    identity = load_identity(config.node.state_dir)
+    joined = mb.join_mesh(config.node.state_dir, identity, cert.strip(),
+                          args.mesh_key)
+    print(f"joined mesh {mb.encode_key(joined.mesh_public_key)} as "
+          f"{joined.cert.name!r}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import main_up
+
+    return main_up(load_config(args.config))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .up import main_down
+
+    return main_down(load_config(args.config))
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from . import labrun
+
+    if args.lab_command == "up":
+        return labrun.cli_up(args.nodes, args.rounds, args.root, not args.no_watch)
+    if args.lab_command == "status":
+        return labrun.cli_status(args.root)
+    return labrun.cli_down(args.root)
+
+
+def cmd_wg_export(args: argparse.Namespace) -> int:
+    from .wgexport import export
+
+    print(export(load_config(args.config), args.with_private_key), end="")
+    return 0
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -120,7 +315,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "demo": cmd_demo}
+COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "demo": cmd_demo,
+            "init": cmd_init, "mesh": cmd_mesh, "up": cmd_up, "down": cmd_down,
+            "lab": cmd_lab, "wg-export": cmd_wg_export}
 
 
 def main(argv: list[str] | None = None) -> int:

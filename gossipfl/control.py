@@ -95,6 +95,12 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{_ago(p['last_exchange'], now):16}{p['exchanges']:>6}"
                      f"{_kb(p['bytes_in']):>10}{_kb(p['bytes_out']):>10}  "
                      f"{','.join(p['sources'])}")
+        wg = p.get("mesh")
+        if wg:
+            lines.append(f"{'':10}wireguard {wg['endpoint'] or '-'}  handshake "
+                         f"{_ago(wg['latest_handshake'], now)}  rx "
+                         f"{_kb(wg['wg_rx_bytes'])} tx {_kb(wg['wg_tx_bytes'])}  "
+                         f"{wg['mesh_address']}")
     if status["refused"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(status["refused"].items()))
         lines.append(f"\nrefused   {reasons}")

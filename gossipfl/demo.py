@@ -48,6 +48,7 @@ class DemoOptions:
     keep: bool = False
     timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
+    title: str = "gossipfl demo"
 
 
 @dataclass
@@ -138,7 +139,7 @@ def consensus_distance(models: list[np.ndarray]) -> float:
 
 
 def render(opts: DemoOptions, statuses: list[dict[str, Any]], sample: Sample) -> str:
-    head = (f"gossipfl demo: {opts.nodes} nodes, digits, Dirichlet alpha "
+    head = (f"{opts.title}: {opts.nodes} nodes, digits, Dirichlet alpha "
             f"{opts.alpha}, compression {opts.compression}      {sample.t:6.1f} s")
     lines = [head,
              f"{'round':>7}{'mean acc':>10}{'min acc':>9}{'consensus':>11}"

@@ -370,18 +370,23 @@ def lab_status(root: Path) -> LabStatus:
 # Down.
 
 
-def lab_down(root: Path, stop_timeout_s: float = 5.0) -> None:
+def lab_down(root: Path, stop_timeout_s: float = 15.0) -> None:
     """Remove every namespace, process and file the lab at ``root`` made."""
     lab = load_lab(root)
 
-    # Processes: the recorded ones, then anything else inside a lab namespace.
-    pids = {p.pid for p in lab.processes if _start_time(p.pid) == p.start_time}
+    # Processes: the recorded ones first, so that each can take down what it
+    # started (a daemon its wireguard-go), then anything left in a lab namespace.
+    recorded = {p.pid for p in lab.processes if _start_time(p.pid) == p.start_time}
+    _stop(set(recorded), stop_timeout_s)
+    pids = set(recorded)
     existing = set(_run(["ip", "netns", "list"]).stdout.split())
+    left = set()
     for ns in lab.netns_made:
         if ns in existing:
             listed = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            pids.update(int(pid) for pid in listed)
-    _stop(pids, stop_timeout_s)
+            left.update(int(pid) for pid in listed)
+    _stop(left, stop_timeout_s)
+    pids |= left
 
     # Namespaces take their veths, the bridge and any tun device with them.
     for ns in reversed(lab.netns_made):

@@ -115,3 +115,59 @@ def lab_down_all(root: Path) -> None:
         shutil.rmtree(extra, ignore_errors=True)
     if created and root.exists() and not any(root.iterdir()):
         root.rmdir()
+
+
+# --- the CLI ------------------------------------------------------------------------
+
+
+def cli_up(nodes: int, rounds: int, root: Path, watch: bool) -> int:
+    import asyncio
+
+    from .demo import DemoOptions, summary_table
+    from .demo import watch as watch_nodes
+
+    lab, procs = lab_up_nodes(nodes, root, gossip={"max_rounds": rounds})
+    print(f"lab {lab.name}: {nodes} nodes under {root}, each running 'gossipfl up'")
+    if not watch:
+        return 0
+    opts = DemoOptions(nodes=nodes, rounds=rounds, title="gossipfl lab")
+    sockets = [control_socket(lab, i) for i in range(nodes)]
+    try:
+        report = asyncio.run(watch_nodes(opts, sockets, procs))
+    except KeyboardInterrupt:
+        print("\nstopped watching; the lab keeps running ('gossipfl lab down')")
+        return 130
+    report["target"] = opts.target
+    print(summary_table(report))
+    print(f"\nthe lab keeps running: 'gossipfl lab status --root {root}', "
+          f"'gossipfl lab down --root {root}'")
+    return 0
+
+
+def cli_status(root: Path) -> int:
+    import asyncio
+
+    from .control import NotRunning, fetch_status
+
+    status = labmod.lab_status(root)
+    print("\n".join(status.lines()))
+    lab = labmod.load_lab(root)
+    for i in range(len(lab.nodes)):
+        try:
+            s = asyncio.run(fetch_status(control_socket(lab, i), timeout_s=3))
+        except NotRunning as exc:
+            print(f"  node {i}  gossipfl not answering: {exc}")
+            continue
+        mesh = s.get("mesh", {})
+        live = sum(p["state"] == "live" for p in s["peers"])
+        acc = s["accuracy"] or 0.0
+        print(f"  node {i}  {s['node']['short_id']}  {mesh.get('address', '-'):<28} "
+              f"round {s['round']:<5} acc {acc:.4f}  {live} live peer(s)  "
+              f"{'healthy' if s['healthy'] else 'degraded'}")
+    return 0
+
+
+def cli_down(root: Path) -> int:
+    lab_down_all(root)
+    print(f"lab under {root} removed")
+    return 0

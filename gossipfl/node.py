@@ -41,6 +41,7 @@ from .errors import GossipflError, MessageRefused
 from .gossip import GossipEngine, Pending
 from .identity import Identity, load_or_create_identity, short_id
 from .merge import select as select_merge
+from .notify import Notifier as SdNotifier
 from .peers import PeerSet
 from .train import FlatModel, Task, TaskContext, load_task
 from .transport import GossipClient, PeerRefusal, PeerUnreachable, make_app
@@ -49,17 +50,17 @@ log = logging.getLogger(__name__)
 
 
 class Notifier(Protocol):
-    """What the node tells a service manager (see gossipfl.notify)."""
+    """What the node tells a service manager (``gossipfl.notify.Notifier``)."""
 
-    def ready(self) -> None: ...
+    watchdog_interval_s: float | None
 
-    def status(self, text: str) -> None: ...
+    def ready(self, status: str | None = None) -> object: ...
 
-    def watchdog(self) -> None: ...
+    def status(self, text: str) -> object: ...
 
-    def stopping(self) -> None: ...
+    def watchdog(self) -> object: ...
 
-    def watchdog_interval_s(self) -> float | None: ...
+    def stopping(self, status: str | None = None) -> object: ...
 
 STATUS_SCHEMA = 1
 REFUSAL_LOG_LIMIT = 1  # refusals of one (peer, reason) logged at WARNING, then DEBUG
@@ -192,7 +193,7 @@ class Node:
 
     async def _keep_informed(self, notifier: Notifier) -> None:
         """STATUS lines, and WATCHDOG pings only while gossip makes progress."""
-        interval = notifier.watchdog_interval_s() or 10.0
+        interval = notifier.watchdog_interval_s or 10.0
         last = (-1, -1)
         while True:
             live = len(self.peers.live())
@@ -419,12 +420,12 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-async def serve(node: Node) -> None:
+async def serve(node: Node, notifier: Notifier | None = None) -> None:
     """Run ``node`` until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
-    await node.run()
+    await node.run(notifier)
 
 
 def event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -443,7 +444,7 @@ def run_daemon(config: Config) -> int:
     torch.set_num_threads(1)
 
     async def main() -> None:
-        await serve(Node(config))
+        await serve(Node(config), SdNotifier.from_environ())
 
     try:
         event_loop_runner()(main())

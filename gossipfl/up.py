@@ -46,7 +46,8 @@ from . import mesh
 from .config import Config, MeshSection
 from .errors import DecodeError, GossipflError, MeshError, MessageRefused
 from .identity import load_or_create_identity, short_id
-from .node import Node, configure_logging, event_loop_runner
+from .node import Node, Notifier, configure_logging, event_loop_runner
+from .notify import Notifier as SdNotifier
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ async def clean_leftovers(config: Config, cfg: MeshSection) -> None:
         (runtime_dir(config) / STATE_FILE).unlink()
 
 
-async def run_up(config: Config, notifier: Any = None) -> None:
+async def run_up(config: Config, notifier: Notifier | None = None) -> None:
     if config.mesh is None:
         raise MeshError(f"{config.path}: no [mesh] section; 'gossipfl up' needs one "
                         "(or run 'gossipfl daemon' without a mesh)")
@@ -425,7 +426,7 @@ def main_up(config: Config) -> int:
 
     torch.set_num_threads(1)
     try:
-        event_loop_runner()(run_up(config))
+        event_loop_runner()(run_up(config, SdNotifier.from_environ()))
     except GossipflError as exc:
         log.error("%s", exc)
         return 2
