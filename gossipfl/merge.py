@@ -45,8 +45,11 @@ def check_target(target: F32) -> None:
     if not isinstance(target, np.ndarray) or target.dtype != np.float32:
         raise TypeError(f"merge target must be a float32 array, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
-    if target.ndim != 1 or not target.flags.c_contiguous or not target.flags.writeable:
-        raise ValueError("merge target must be a writeable, contiguous 1-d array")
+    flags = target.flags
+    if target.ndim != 1 or not (flags.c_contiguous and flags.writeable
+                                and flags.aligned):
+        raise ValueError("merge target must be a writeable, aligned, contiguous "
+                         "1-d array")
 
 
 def check_batch(target: F32, batch: Batch, weights: Sequence[float]) -> None:
