@@ -116,8 +116,15 @@ class Header:
 
 
 def max_message_bytes(dim: int) -> int:
-    """The largest well-formed message for a ``dim``-vector: a dense one."""
-    return OVERHEAD_BYTES + 4 * dim
+    """The largest message an honest sender makes for a ``dim``-vector.
+
+    That is not the dense one (4 bytes an entry) but top-k at full density with
+    block size 1: an int8 value and a float32 scale per entry, and index streams of
+    at most ``dim`` bits together (the chosen Rice parameter codes the gaps in no
+    more bits than parameter 0 does, which takes one bit per position), each
+    stream rounded up to a whole byte.
+    """
+    return OVERHEAD_BYTES + 5 * dim + dim // 8 + 2
 
 
 # --- encoding -------------------------------------------------------------------
@@ -307,8 +314,10 @@ def decode_quantized(data: bytes, h: Header) -> npt.NDArray[np.int8]:
         raw = nibbles[: h.nnz]
     bad = np.flatnonzero(raw < -QMAX[h.codec])
     if bad.size:
+        # The offset is of the byte holding the value; int4 packs two per byte.
+        at = int(bad[0]) // 2 if h.codec is Codec.TOPK_INT4 else int(bad[0])
         raise DecodeError(f"quantized value {int(raw[bad[0]])} is below "
-                          f"-{QMAX[h.codec]}", h.values_off + int(bad[0]))
+                          f"-{QMAX[h.codec]}", h.values_off + at)
     return raw
 
 
