@@ -327,7 +327,8 @@ REFUSALS: list[tuple[str, tuple[bytes, Header], str, str, int | None]] = [
      "MessageRefused", "non-finite", None),
     ("scale-over-limit", _int8_message(
         bytes([0b1110_0000]),
-        scales=_f32(1.0, float(np.nextafter(np.float32(LIMIT_INT8), np.inf))),
+        scales=_f32(1.0, float(np.nextafter(np.float32(LIMIT_INT8),
+                                            np.float32(np.inf)))),
     ), "MessageRefused", "non-finite", None),
     ("int4-minus-8", sparse([0, 1, 2, 3], 8, [1, 2, 3, 4], [1.0], 4, Codec.TOPK_INT4),
      "DecodeError", "malformed", None),  # patched below
