@@ -59,6 +59,7 @@
 #include <float.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Wire constants; tests compare them with gossipfl.codec. */
 #define HEADER_BYTES 124
@@ -67,7 +68,13 @@
 enum { CODEC_DENSE_F32 = 0, CODEC_TOPK_INT8 = 1, CODEC_TOPK_INT4 = 2 };
 
 /* Tuning: how many entries ahead the apply loop prefetches the target. */
+#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 16
+#endif
+
+/* Target bytes the validating pass may prefetch: a quarter of the last-level
+ * cache, so the lines are still there for the apply pass; 0 where unknown. */
+static uint64_t touch_budget_bytes;
 
 static PyObject *DecodeError;    /* gossipfl.errors.DecodeError */
 static PyObject *MessageRefused; /* gossipfl.errors.MessageRefused */
@@ -107,6 +114,26 @@ static inline int finite_bits(uint32_t bits)
     return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
+/* Eight stream bytes as a word whose bit p is stream bit p: the streams are
+ * MSB-first within each byte, so the bits of every byte are reversed. Then the
+ * lowest set bit is the next one, found with ctz and cleared with w & (w - 1),
+ * which keeps the walk's loop-carried chain to one short operation. */
+static inline uint64_t load_stream_word(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    v = ((v >> 1) & UINT64_C(0x5555555555555555)) |
+        ((v & UINT64_C(0x5555555555555555)) << 1);
+    v = ((v >> 2) & UINT64_C(0x3333333333333333)) |
+        ((v & UINT64_C(0x3333333333333333)) << 2);
+    v = ((v >> 4) & UINT64_C(0x0f0f0f0f0f0f0f0f)) |
+        ((v & UINT64_C(0x0f0f0f0f0f0f0f0f)) << 4);
+    return v;
+}
+
 /* --- one message ---------------------------------------------------------- */
 
 typedef struct {
@@ -118,6 +145,7 @@ typedef struct {
     uint64_t unary_off, low_off, values_off, values_len, scales_off, nblocks;
     float weight;
     uint32_t *indices; /* nnz entries of the batch's scratch array */
+    const float *touch; /* target to prefetch while decoding, or NULL */
 } Message;
 
 /* The first fault found in a message, in the reference's checking order. */
@@ -175,6 +203,68 @@ static FaultKind fail(Fault *f, FaultKind kind, uint64_t offset, uint64_t count,
     return kind;
 }
 
+/* What the walk over the ones of a unary stream found. */
+typedef struct {
+    uint64_t next;    /* last index + 1 */
+    uint64_t max_gap; /* largest gap, wrapped like numpy's uint64 */
+} Walk;
+
+/* The fused loop: each one bit of the unary stream ends a gap's high part; its
+ * low part comes from a 64-bit window of the low stream. Each index goes to
+ * ``out``. The caller has proved the stream holds exactly as many ones as ``out``
+ * has room for. Inlined twice, with and without low parts. */
+static inline __attribute__((always_inline)) Walk
+walk_ones(const uint8_t *u, uint64_t len, const uint8_t *low, const unsigned rice,
+          uint32_t *out, const float *touch, uint64_t dim)
+{
+    uint64_t prev = UINT64_MAX; /* bit position of the previous one, -1 at start */
+    uint64_t next = 0, max_gap = 0, lowbit = 0;
+    const uint64_t full = len / 8;
+    for (uint64_t w = 0; w <= full; w++) {
+        uint64_t word;
+        if (w < full) {
+            word = load_stream_word(u + 8 * w);
+        } else {
+            uint8_t last[8] = {0};
+            memcpy(last, u + 8 * full, len % 8);
+            word = load_stream_word(last);
+        }
+        const uint64_t base = 64 * w;
+        while (word) {
+            const uint64_t at = base + (uint64_t)__builtin_ctzll(word);
+            word &= word - 1;
+            uint64_t gap = (at - prev - 1) << rice;
+            prev = at;
+            if (rice) {
+                const uint64_t window = load_be64(low + (lowbit >> 3));
+                gap |= (window << (lowbit & 7)) >> (64 - rice);
+                lowbit += rice;
+            }
+            max_gap = gap > max_gap ? gap : max_gap;
+            next += gap + 1;
+            *out++ = (uint32_t)(next - 1);
+            if (touch)
+                __builtin_prefetch(touch + (next - 1 < dim ? next - 1 : 0), 1, 1);
+        }
+    }
+    return (Walk){next, max_gap};
+}
+
+static __attribute__((noinline)) Walk walk_unary(const uint8_t *u, uint64_t len,
+                                                 uint32_t *out, const float *touch,
+                                                 uint64_t dim)
+{
+    return walk_ones(u, len, NULL, 0, out, touch, dim);
+}
+
+static __attribute__((noinline)) Walk walk_rice(const uint8_t *u, uint64_t len,
+                                                const uint8_t *low, unsigned rice,
+                                                uint32_t *out, const float *touch,
+                                                uint64_t dim)
+{
+    return walk_ones(u, len, low, rice, out, touch, dim);
+}
+
 /* Decode the indices of a sparse message into m->indices; no writes elsewhere. */
 static FaultKind decode_indices(Message *m, Fault *f)
 {
@@ -210,34 +300,12 @@ static FaultKind decode_indices(Message *m, Fault *f)
             return fail(f, FAULT_LOW_PADDING, m->low_off + m->low_len - 1, 0, 0.0);
     }
 
-    /* the fused loop: next one bit -> high part, low window -> low part */
-    uint32_t *out = m->indices;
-    uint64_t prev = UINT64_MAX; /* bit position of the previous one, -1 at start */
-    uint64_t next = 0;          /* running index + 1 */
-    uint64_t max_gap = 0;
-    uint64_t lowbit = 0;
-    const uint64_t words = full + (len % 8 != 0);
-    for (uint64_t w = 0; w < words; w++) {
-        uint64_t word = w < full ? load_be64(u + 8 * w) : tail;
-        const uint64_t base = 64 * w;
-        while (word) {
-            const int z = __builtin_clzll(word);
-            word ^= (UINT64_C(1) << 63) >> z;
-            const uint64_t at = base + (uint64_t)z;
-            uint64_t gap = (at - prev - 1) << rice;
-            prev = at;
-            if (rice) {
-                const uint64_t window = load_be64(low + (lowbit >> 3));
-                gap |= (window << (lowbit & 7)) >> (64 - rice);
-                lowbit += rice;
-            }
-            max_gap = gap > max_gap ? gap : max_gap;
-            next += gap + 1;
-            *out++ = (uint32_t)(next - 1);
-        }
-    }
-
-    /* range, as the reference: no gap may pass the end, then the last index */
+    /* the fused loop, then range as the reference: no gap may pass the end,
+     * then the last index */
+    Walk walk = rice ? walk_rice(u, len, low, (unsigned)rice, m->indices, m->touch,
+                                 m->dim)
+                     : walk_unary(u, len, m->indices, m->touch, m->dim);
+    const uint64_t max_gap = walk.max_gap, next = walk.next;
     if (max_gap >= m->dim)
         return fail(f, FAULT_GAP_RANGE, 0, max_gap, 0.0);
     if (next - 1 >= m->dim)
@@ -600,6 +668,11 @@ static PyObject *merge(PyObject *self, PyObject *args)
     }
 
     float *target = PyArray_DATA(target_arr);
+    /* Prefetch the target's lines while validating only if they will still be in
+     * cache when the apply pass comes to them. */
+    if (total_nnz * 64 <= touch_budget_bytes)
+        for (Py_ssize_t i = 0; i < n; i++)
+            msgs[i].touch = target;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && bad < 0; i++)
         if (validate(&msgs[i], &fault) != FAULT_NONE)
@@ -640,9 +713,21 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
+static uint64_t last_level_cache_bytes(void)
+{
+    long bytes = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (bytes <= 0)
+        bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return bytes > 0 ? (uint64_t)bytes : 0;
+}
+
 PyMODINIT_FUNC PyInit__merge(void)
 {
     import_array();
+    touch_budget_bytes = last_level_cache_bytes() / 4;
     PyObject *errors = PyImport_ImportModule("gossipfl.errors");
     if (!errors)
         return NULL;
