@@ -15,10 +15,13 @@
  *             1. popcount the unary stream: exactly nnz ones, the last one in
  *                the last byte; then the low stream's zero padding;
  *             2. one fused loop that walks the ones of the unary stream a 64-bit
- *                word at a time (__builtin_clzll finds the next one), takes the
+ *                word at a time (bits reversed per byte once per word, so ctz
+ *                finds the next one and w & (w - 1) clears it), takes the
  *                matching Rice low bits from a 64-bit window of the low stream,
  *                and writes each index (uint32: the dimension is a 32-bit field)
- *                to a scratch array, tracking the largest gap;
+ *                to a scratch array, tracking the largest gap; when the batch's
+ *                target lines fit in a quarter of the last-level cache, it also
+ *                prefetches them for the apply pass;
  *             3. range checks, in the reference's order (largest gap, last
  *                index), then the quantized values and the block scales.
  *   apply     (only when the whole batch validated) per message in batch order,
