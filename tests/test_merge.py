@@ -236,7 +236,7 @@ def test_unusable_targets_are_rejected(merge_path: Path, what: str, target: obje
 def test_c_kernel_checks_targets_itself(what: str) -> None:
     kernel = pytest.importorskip("gossipfl._merge")
     target, error = {t[0]: t[1:] for t in _bad_targets()}[what]
-    with pytest.raises(error):  # type: ignore[call-overload]
+    with pytest.raises(error):
         kernel.merge(target, [sparse([1], 8, [1], [1.0], 1)], [1.0])
 
 

@@ -21,6 +21,7 @@ from wire import random_message, run
 
 from gossipfl import codec
 from gossipfl.codec import Header
+from gossipfl.compress import Codec
 from gossipfl.errors import MessageRefused
 from gossipfl.merge import c_merge, merge_numpy
 
@@ -55,7 +56,7 @@ def damaged(draw: st.DrawFn) -> tuple[int, bytes]:
         if op == "truncate":
             del out[len(out) - draw(st.integers(1, min(80, len(out)))):]
             break
-        if op == "unary" and header.codec is not codec.Codec.DENSE_F32:
+        if op == "unary" and header.codec is not Codec.DENSE_F32:
             (unary_len,) = struct.unpack_from("<I", out, UNARY_LEN_AT)
             change = draw(st.integers(-2, 3))
             end = codec.HEADER_BYTES + unary_len

@@ -100,14 +100,13 @@ def run(merge: MergeFn, target: F32, batch: Batch, weights: Sequence[float]
     """Merge into a guarded copy of ``target``; check nothing else was written."""
     buffer, inner = guarded(target)
     before = [bytes(data) for data, _ in batch]
+    refusal: tuple[str, str, int | None, str] | None = None
     try:
         merge(inner, batch, weights)
     except MessageRefused as exc:
         offset = exc.offset if isinstance(exc, DecodeError) else None
         refusal = (type(exc).__name__, exc.reason, offset, str(exc))
         assert inner.tobytes() == target.tobytes(), "refused, yet target changed"
-    else:
-        refusal = None
     guard = buffer.view(np.uint32)
     assert (guard[:GUARD] == GUARD_BITS).all(), "write before the target"
     assert (guard[GUARD + target.size:] == GUARD_BITS).all(), "write past the target"
