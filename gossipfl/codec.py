@@ -121,13 +121,15 @@ def dense_message_bytes(dim: int) -> int:
 
 
 def max_message_bytes(dim: int) -> int:
-    """A cap no well-formed message of a ``dim``-vector exceeds.
+    """The largest message an honest sender makes for a ``dim``-vector.
 
-    With every entry kept and block size 1, a top-k message carries per entry up to
-    one unary byte, four bytes of low bits, one value byte and a four-byte scale:
-    more than a dense one. Ten bytes per entry bounds every codec.
+    That is not the dense one (4 bytes an entry) but top-k at full density with
+    block size 1: an int8 value and a float32 scale per entry, and index streams of
+    at most ``dim`` bits together (the chosen Rice parameter codes the gaps in no
+    more bits than parameter 0 does, which takes one bit per position), each
+    stream rounded up to a whole byte.
     """
-    return OVERHEAD_BYTES + 16 + 10 * dim
+    return OVERHEAD_BYTES + 5 * dim + dim // 8 + 2
 
 
 # --- encoding -------------------------------------------------------------------
@@ -140,7 +142,9 @@ def rice_parameter(gaps: npt.NDArray[np.int64]) -> int:
     mean = float(gaps.mean())
     guess = max(0, int(np.log2(mean * 0.69 + 1.0)))
     best, best_bits = 0, None
-    for b in range(max(0, guess - 2), min(MAX_RICE, guess + 2) + 1):
+    # Parameter 0 is always a candidate: it bounds the size (one bit a position),
+    # which max_message_bytes relies on.
+    for b in (0, *range(max(1, guess - 2), min(MAX_RICE, guess + 2) + 1)):
         bits = int((gaps >> b).sum()) + gaps.size * (1 + b)
         if best_bits is None or bits < best_bits:
             best, best_bits = b, bits
@@ -317,8 +321,10 @@ def decode_quantized(data: bytes, h: Header) -> npt.NDArray[np.int8]:
         raw = nibbles[: h.nnz]
     bad = np.flatnonzero(raw < -QMAX[h.codec])
     if bad.size:
+        # The offset is of the byte holding the value; int4 packs two per byte.
+        at = int(bad[0]) // 2 if h.codec is Codec.TOPK_INT4 else int(bad[0])
         raise DecodeError(f"quantized value {int(raw[bad[0]])} is below "
-                          f"-{QMAX[h.codec]}", h.values_off + int(bad[0]))
+                          f"-{QMAX[h.codec]}", h.values_off + at)
     return raw
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
 import numpy as np
 
@@ -45,8 +44,11 @@ def check_target(target: F32) -> None:
     if not isinstance(target, np.ndarray) or target.dtype != np.float32:
         raise TypeError(f"merge target must be a float32 array, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
-    if target.ndim != 1 or not target.flags.c_contiguous or not target.flags.writeable:
-        raise ValueError("merge target must be a writeable, contiguous 1-d array")
+    flags = target.flags
+    if target.ndim != 1 or not (flags.c_contiguous and flags.writeable
+                                and flags.aligned):
+        raise ValueError("merge target must be a writeable, aligned, contiguous "
+                         "1-d array")
 
 
 def check_batch(target: F32, batch: Batch, weights: Sequence[float]) -> None:
@@ -72,32 +74,36 @@ def merge_numpy(target: F32, batch: Batch, weights: Sequence[float]) -> None:
             target[indices] += scaled
 
 
-def _load_c() -> ModuleType | None:
+def c_merge() -> MergeFn | None:
+    """The C kernel behind the same checks as ``merge_numpy``; None if not built."""
     try:
         from . import _merge  # type: ignore[attr-defined]
     except ImportError as exc:
         log.debug("C merge kernel not available: %s", exc)
         return None
-    return _merge  # type: ignore[no-any-return]
+    kernel: Callable[[F32, Batch, Sequence[float]], None] = _merge.merge
+
+    def merge_c(target: F32, batch: Batch, weights: Sequence[float]) -> None:
+        check_target(target)
+        check_batch(target, batch, weights)
+        kernel(target, batch, weights)
+
+    return merge_c
 
 
 def select() -> tuple[str, MergeFn]:
-    """The merge path this process uses, honouring ``GOSSIPFL_MERGE``."""
+    """The merge path this process uses, ``("c" | "numpy", function)``, honouring
+    ``GOSSIPFL_MERGE``; the daemon logs the name at start-up and shows it in
+    status."""
     wanted = os.environ.get(ENV_VAR, "auto").strip().lower()
     if wanted not in ("auto", "c", "numpy"):
         raise ConfigError(f"{ENV_VAR}={wanted!r} is not one of auto, c, numpy")
     if wanted == "numpy":
         return "numpy", merge_numpy
-    module = _load_c()
-    if module is None:
+    merge_c = c_merge()
+    if merge_c is None:
         if wanted == "c":
             raise ConfigError(f"{ENV_VAR}=c but the C merge kernel gossipfl._merge "
                               "is not built")
         return "numpy", merge_numpy
-
-    def merge_c(target: F32, batch: Batch, weights: Sequence[float]) -> None:
-        check_target(target)
-        check_batch(target, batch, weights)
-        module.merge(target, batch, weights)
-
     return "c", merge_c
