@@ -6,8 +6,8 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 from wire import c_required

@@ -233,9 +233,8 @@ class BatchNormNet(nn.Module):
 
 
 def test_a_batchnorm_model_merges_and_keeps_its_integer_counter_local() -> None:
-    torch.manual_seed(0)
     flats = []
-    for i in range(2):
+    for _ in range(2):
         torch.manual_seed(0)
         flats.append(FlatModel(BatchNormNet(), "bn-test"))
     assert flats[0].manifest == flats[1].manifest

@@ -257,7 +257,7 @@ def test_a_hung_peer_does_not_stall_the_rounds_or_the_other_peers(
             assert a.engine.round >= 60 and b.engine.round >= 60
             assert a.engine.counts_for(KEYS[1].public_key).exchanges >= 10
         finally:
-            for client, task in client_tasks:
+            for _, task in client_tasks:
                 task.cancel()
             for node in (a, b):
                 for t in list(node._in_flight.values()):
