@@ -27,16 +27,28 @@ def _netns_unavailable() -> str | None:
     return None
 
 
+def _packaging_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "packaging tests need root (debootstrap, chroot)"
+    for tool in ("dpkg-buildpackage", "lintian", "debootstrap", "systemd-analyze",
+                 "unshare"):
+        if shutil.which(tool) is None:
+            return f"packaging tests need {tool} on PATH"
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    reason = _netns_unavailable()
-    if reason is None:
-        return
     if os.environ.get("CI") == "true":
-        return  # in CI they are part of what must pass: run them, and let them fail
-    marker = pytest.mark.skip(reason=reason)
-    for item in items:
-        if "netns" in item.keywords:
-            item.add_marker(marker)
+        return  # in CI these are part of what must pass: run them, let them fail
+    for marker_name, probe in (("netns", _netns_unavailable),
+                               ("packaging", _packaging_unavailable)):
+        reason = probe()
+        if reason is None:
+            continue
+        marker = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker_name in item.keywords:
+                item.add_marker(marker)
 
 
 @pytest.fixture
