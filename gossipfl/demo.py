@@ -82,6 +82,7 @@ def toml_value(value: Any) -> str:
 
 def write_configs(opts: DemoOptions, root: Path) -> list[Path]:
     """One state directory and config per node, each listing all the others."""
+    root = root.resolve()
     ports = free_ports(opts.nodes)
     identities = []
     for i in range(opts.nodes):

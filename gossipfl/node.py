@@ -28,7 +28,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from aiohttp import web
@@ -37,7 +37,7 @@ from . import __version__, checkpoint
 from .codec import max_message_bytes
 from .compress import CompressionSpec
 from .config import Config, parse_listen
-from .errors import GossipflError, MessageRefused
+from .errors import ConfigError, GossipflError, MessageRefused, StateError
 from .gossip import GossipEngine, Pending
 from .identity import Identity, load_or_create_identity, short_id
 from .merge import select as select_merge
@@ -47,6 +47,8 @@ from .train import FlatModel, Task, TaskContext, load_task
 from .transport import GossipClient, PeerRefusal, PeerUnreachable, make_app
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Notifier(Protocol):
@@ -137,9 +139,14 @@ class Node:
             gossip_app.router.add_route(method, route, handler)
         runner = web.AppRunner(gossip_app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
         self._runners.append(runner)
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._cleanup_runners()
+            raise ConfigError(f"cannot listen on {self.config.node.listen} "
+                              f"(node.listen): {exc.strerror or exc}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.listen_port = sockets[0].getsockname()[1] if sockets else port
@@ -157,12 +164,17 @@ class Node:
         app.router.add_get("/v1/model", self._model_handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
+        self._runners.append(runner)
         old_umask = os.umask(0o177)
         try:
             await web.UnixSite(runner, str(path)).start()
+        except OSError as exc:
+            await self._cleanup_runners()
+            raise StateError(f"cannot open the control socket {path} ({len(str(path))}"
+                             f" bytes; unix sockets allow 107): "
+                             f"{exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
-        self._runners.append(runner)
 
     async def run(self, notifier: Notifier | None = None) -> None:
         """Start, gossip until stopped, then checkpoint and close."""
@@ -213,15 +225,17 @@ class Node:
         self._stopping.set()
 
     async def close(self) -> None:
-        async with self.model_lock:
-            await asyncio.to_thread(self._checkpoint)
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        await self.locked(self._checkpoint)
+        await self._cleanup_runners()
         with contextlib.suppress(FileNotFoundError):
             self.config.control_socket.unlink()
         log.info("node %s stopped at round %d", self.identity.short_id,
                  self.engine.round)
+
+    async def _cleanup_runners(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
 
     def _checkpoint(self) -> None:
         size = checkpoint.save(self.checkpoint_path, self.engine)
@@ -235,13 +249,11 @@ class Node:
         g = self.config.gossip
         while g.max_rounds == 0 or self.engine.round < g.max_rounds:
             began = time.monotonic()
-            async with self.model_lock:
-                self.loss = await asyncio.to_thread(
-                    self.task.train, self.flat.model, g.local_steps, self.engine.round)
-                self.engine.round += 1
-                if self.engine.round % g.eval_interval_rounds == 0:
-                    self.accuracy = await asyncio.to_thread(self.task.evaluate,
-                                                            self.flat.model)
+            self.loss = await self.locked(self.task.train, self.flat.model,
+                                          g.local_steps, self.engine.round)
+            self.engine.round += 1
+            if self.engine.round % g.eval_interval_rounds == 0:
+                self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
             self.last_round_at = time.time()
             for peer in self.peers.pick(g.fanout, set(self._in_flight), self.rng):
                 task = asyncio.create_task(self._exchange(client, peer.public_key,
@@ -251,8 +263,7 @@ class Node:
                 await asyncio.wait(list(self._in_flight.values()),
                                    timeout=max(0.05, g.round_interval_s))
             if time.time() - self.last_checkpoint_at >= g.checkpoint_interval_s:
-                async with self.model_lock:
-                    await asyncio.to_thread(self._checkpoint)
+                await self.locked(self._checkpoint)
             rest = g.round_interval_s - (time.monotonic() - began)
             await asyncio.sleep(max(rest, 0.0))
         self.state = "finished"
@@ -261,8 +272,7 @@ class Node:
 
     async def _exchange(self, client: GossipClient, peer: bytes, address: str) -> None:
         try:
-            async with self.model_lock:
-                pending = await asyncio.to_thread(self.engine.start, peer)
+            pending = await self.locked(self.engine.start, peer)
             if pending is None:
                 return
             await self._complete(client, pending, address)
@@ -294,8 +304,7 @@ class Node:
             self.engine.abort(pending, None)
             raise
         try:
-            async with self.model_lock:
-                await asyncio.to_thread(self.engine.finish, pending, reply)
+            await self.locked(self.engine.finish, pending, reply)
         except MessageRefused as exc:
             self._note_refusal(peer, address, exc)
             self.peers.failed(peer, exc.reason)
@@ -305,9 +314,27 @@ class Node:
     # --- serving ------------------------------------------------------------------
 
     async def handle_exchange(self, body: bytes, remote: str) -> bytes:
+        reply: bytes = await self.locked(self.engine.respond, body,
+                                         self.peers.is_member)
+        # The request verified: the peer is alive and in step, whatever our own
+        # attempts to reach it said.
+        self.peers.succeeded(bytes(body[8:40]))
+        return reply
+
+    async def locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread, holding the model lock throughout.
+
+        If the caller is cancelled meanwhile, the lock is still held until the
+        thread has finished: cancellation never lets two writers at the model.
+        """
         async with self.model_lock:
-            return await asyncio.to_thread(self.engine.respond, body,
-                                           self.peers.is_member)
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await work
+                raise
 
     def edge_epoch(self, peer: bytes) -> int | None:
         edge = self.engine.edges.get(peer)
