@@ -320,8 +320,9 @@ class MeshAgent:
 
 
 def write_state(config: Config, data: dict[str, Any]) -> None:
-    path = runtime_dir(config) / STATE_FILE
-    path.write_text(json.dumps(data) + "\n")
+    directory = runtime_dir(config)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (directory / STATE_FILE).write_text(json.dumps(data) + "\n")
 
 
 def runtime_dir(config: Config) -> Path:
