@@ -170,10 +170,10 @@ def test_records_body_round_trips_and_refuses_bad_framing() -> None:
 def test_a_mesh_section_is_validated() -> None:
     from gossipfl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="mesh.backend 'vpn'"):
+    with pytest.raises(ConfigError, match=r"mesh\.backend 'vpn'"):
         config_from_dict({"mesh": {"backend": "vpn"}}, Path("."))
-    with pytest.raises(ConfigError, match="mesh.mtu = 100"):
+    with pytest.raises(ConfigError, match=r"mesh\.mtu = 100"):
         config_from_dict({"mesh": {"mtu": 100}}, Path("."))
-    with pytest.raises(ConfigError, match="mesh.seeds must be a list"):
+    with pytest.raises(ConfigError, match=r"mesh\.seeds must be a list"):
         config_from_dict({"mesh": {"seeds": "x"}}, Path("."))
     assert isinstance(config_from_dict({"mesh": {}}, Path(".")).mesh, MeshSection)
