@@ -52,7 +52,7 @@ class GossipSection:
     max_rounds: int = 0
     exchange_timeout_s: float = 10.0
     max_message_bytes: int = 0
-    max_edges: int = 32
+    max_edges: int = 16
     checkpoint_interval_s: float = 30.0
     eval_interval_rounds: int = 1
     stale_after_s: float = 60.0

@@ -255,7 +255,8 @@ class Node:
             if self.engine.round % g.eval_interval_rounds == 0:
                 self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
             self.last_round_at = time.time()
-            for peer in self.peers.pick(g.fanout, set(self._in_flight), self.rng):
+            for peer in self.peers.pick(g.fanout, set(self._in_flight), self.rng,
+                                        self._neighbourhood()):
                 task = asyncio.create_task(self._exchange(client, peer.public_key,
                                                           peer.address))
                 self._in_flight[peer.public_key] = task
@@ -269,6 +270,19 @@ class Node:
         self.state = "finished"
         log.info("finished %d rounds, accuracy %.3f; serving peers until stopped",
                  self.engine.round, self.accuracy or 0.0)
+
+    def _neighbourhood(self) -> set[bytes] | None:
+        """Once ``max_edges`` edges exist, keep gossiping over those.
+
+        A new edge starts from x0 and an evicted one restarts with a dense reset;
+        in a fleet larger than ``max_edges`` picking among all peers would churn
+        edges and pay for it in bytes. Sticking to a stable neighbourhood keeps the
+        graph connected through the neighbours' own neighbourhoods.
+        """
+        edges = self.engine.edges
+        if len(edges) < self.config.gossip.max_edges:
+            return None
+        return set(edges)
 
     async def _exchange(self, client: GossipClient, peer: bytes, address: str) -> None:
         try:

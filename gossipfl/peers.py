@@ -68,9 +68,16 @@ class PeerSet:
         now = self.clock()
         return [p for p in self.peers.values() if p.backoff_until <= now]
 
-    def pick(self, count: int, busy: set[bytes], rng: random.Random) -> list[Peer]:
-        """Up to ``count`` live peers chosen uniformly, skipping ``busy`` ones."""
+    def pick(self, count: int, busy: set[bytes], rng: random.Random,
+             within: set[bytes] | None = None) -> list[Peer]:
+        """Up to ``count`` live peers chosen uniformly, skipping ``busy`` ones.
+
+        ``within`` limits the choice to those keys when any of them is ready.
+        """
         ready = [p for p in self.live() if p.public_key not in busy]
+        if within is not None:
+            preferred = [p for p in ready if p.public_key in within]
+            ready = preferred or ready
         return rng.sample(ready, min(count, len(ready)))
 
     def succeeded(self, key: bytes) -> None:
