@@ -278,6 +278,9 @@ class GossipEngine:
             raise MessageRefused("wrong-kind", f"expected a {kind.name.lower()}, got "
                                  f"a {header.kind.name.lower()}")
         if header.sender == self.identity.public_key:
+            # Only a holder of our own key can sign this: verify first, so that
+            # nobody can make us report a duplicate by claiming our key.
+            verify_signature(data, header)
             raise MessageRefused("own-identity",
                                  "a message signed with this node's own identity: "
                                  "another box runs a copy of it")

@@ -66,6 +66,7 @@ class Notifier(Protocol):
 
 STATUS_SCHEMA = 1
 REFUSAL_LOG_LIMIT = 1  # refusals of one (peer, reason) logged at WARNING, then DEBUG
+MAX_STRANGERS = 64  # non-members remembered for status
 
 
 class Node:
@@ -107,6 +108,7 @@ class Node:
         self.last_round_at = 0.0
         self.last_checkpoint_at = 0.0
         self.refused: dict[str, int] = {}
+        self._refusals_logged: dict[tuple[bytes, str], int] = {}
         self.strangers: dict[str, dict[str, Any]] = {}
         self.duplicate_identity: list[str] = []
         self.state = "starting"
@@ -355,11 +357,15 @@ class Node:
         return None if edge is None else edge.epoch
 
     def _note_refusal(self, claimed: bytes, remote: str, exc: MessageRefused) -> None:
-        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
         who = short_id(claimed) if claimed else "?"
+        if exc.reason == "edge-busy":  # two ends started at once: not a fault
+            log.debug("%s (%s) edge busy; it will retry", who, remote)
+            return
+        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
         if claimed and self.peers.is_member(claimed):
             self.engine.refused(claimed, exc.reason)
-        elif claimed and exc.reason == "unknown-sender":
+        elif claimed and exc.reason == "unknown-sender" and (
+                claimed.hex() in self.strangers or len(self.strangers) < MAX_STRANGERS):
             entry = self.strangers.setdefault(claimed.hex(), {
                 "id": claimed.hex(), "address": remote, "messages": 0,
                 "reason": exc.reason})
@@ -369,9 +375,14 @@ class Node:
             log.error("another node at %s uses this node's identity %s; give each "
                       "box its own key ('gossipfl init')", remote,
                       self.identity.short_id)
-        count = self.engine.counts_for(claimed).refused if claimed else {}
-        level = logging.WARNING if count.get(exc.reason, 1) <= REFUSAL_LOG_LIMIT \
-            else logging.DEBUG
+        # What a peer can trigger is logged at WARNING once per (sender, reason),
+        # then at DEBUG; the memory for that is bounded.
+        key = (claimed, exc.reason)
+        if key not in self._refusals_logged and len(self._refusals_logged) >= 4096:
+            self._refusals_logged.clear()
+        seen = self._refusals_logged.get(key, 0) + 1
+        self._refusals_logged[key] = seen
+        level = logging.WARNING if seen <= REFUSAL_LOG_LIMIT else logging.DEBUG
         log.log(level, "%s (%s) message refused: %s: %s", who, remote, exc.reason,
                 exc.detail)
 

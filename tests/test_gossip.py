@@ -299,3 +299,15 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path) -> None:
     a.manifest = b"\x09" * 16
     with pytest.raises(StateError, match="manifest"):
         checkpoint.restore(path, a)
+
+
+def test_claiming_our_own_key_without_it_is_a_bad_signature_not_a_duplicate(
+        ) -> None:
+    a, b = engines(2)
+    pending = a.start(b.identity.public_key)
+    assert pending is not None
+    forged = bytearray(pending.request)
+    forged[8:40] = b.identity.public_key  # claims to be b, signed by a
+    with pytest.raises(MessageRefused) as info:
+        b.respond(bytes(forged), member)
+    assert info.value.reason == "bad-signature"
