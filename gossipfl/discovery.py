@@ -134,7 +134,8 @@ class DiscoverySink(Protocol):
 
     def peer_lost(self, public_key: bytes) -> None: ...
 
-    def stranger_seen(self, public_key: bytes, why: str) -> None: ...
+    def stranger_seen(self, public_key: bytes, why: str,
+                      address: str = "") -> None: ...
 
     def duplicate_identity(self, address: str) -> None: ...
 
@@ -385,7 +386,7 @@ class PeerTracker:
             source,
             exc.detail,
         )
-        self._sink.stranger_seen(public_key, exc.reason)
+        self._sink.stranger_seen(public_key, exc.reason, source)
 
     def _seen_ourselves(self, name: str, ad: Advertisement) -> None:
         if ad.run_tag == self._run_tag:

@@ -380,7 +380,7 @@ def lab_down(root: Path, stop_timeout_s: float = 15.0) -> None:
     _stop(set(recorded), stop_timeout_s)
     pids = set(recorded)
     existing = set(_run(["ip", "netns", "list"]).stdout.split())
-    left = set()
+    left: set[int] = set()
     for ns in lab.netns_made:
         if ns in existing:
             listed = _run(["ip", "netns", "pids", ns], check=False).stdout.split()

@@ -46,7 +46,7 @@ from . import mesh
 from .config import Config, MeshSection
 from .errors import DecodeError, GossipflError, MeshError, MessageRefused
 from .identity import load_or_create_identity, short_id
-from .node import Node, Notifier, configure_logging, event_loop_runner
+from .node import MAX_STRANGERS, Node, Notifier, configure_logging, event_loop_runner
 from .notify import Notifier as SdNotifier
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,15 @@ class MeshAgent:
             self._ops.put_nowait(("remove", public_key, None))
             log.info("%s left (no longer announced)", short_id(public_key))
 
-    def stranger_seen(self, public_key: bytes, why: str) -> None:
+    def stranger_seen(self, public_key: bytes, why: str, address: str = "") -> None:
+        if public_key.hex() not in self.node.strangers and \
+                len(self.node.strangers) >= MAX_STRANGERS:
+            return
         entry = self.node.strangers.setdefault(public_key.hex(), {
-            "id": public_key.hex(), "address": "mdns", "messages": 0, "reason": why})
+            "id": public_key.hex(), "address": address or "?", "messages": 0,
+            "reason": why})
         entry["reason"] = why
+        entry["address"] = address or entry["address"]
         entry["seen_by"] = "mdns"
 
     def duplicate_identity(self, address: str) -> None:
@@ -339,6 +344,9 @@ def read_state(config: Config) -> dict[str, Any] | None:
 
 
 def alive(pid: int | None) -> bool:
+    """True while ``pid`` runs. A zombie (dead, its parent has not reaped it yet)
+    does not: a SIGKILLed ``up`` must not block its own restart, nor its orphaned
+    wireguard-go hold up the cleaning until init gets round to it."""
     if not pid:
         return False
     try:
@@ -347,7 +355,13 @@ def alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell; signal 0 said it exists
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 async def clean_leftovers(config: Config, cfg: MeshSection) -> None:

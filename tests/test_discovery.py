@@ -30,7 +30,7 @@ class FakeSink:
     def peer_lost(self, public_key: bytes) -> None:
         self.lost.append(public_key)
 
-    def stranger_seen(self, public_key: bytes, why: str) -> None:
+    def stranger_seen(self, public_key: bytes, why: str, address: str = "") -> None:
         self.strangers.append((public_key, why))
 
     def duplicate_identity(self, address: str) -> None:

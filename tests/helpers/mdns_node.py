@@ -40,7 +40,7 @@ class PrintingSink:
     def peer_lost(self, public_key: bytes) -> None:
         emit(event="peer_lost", pk=public_key.hex())
 
-    def stranger_seen(self, public_key: bytes, why: str) -> None:
+    def stranger_seen(self, public_key: bytes, why: str, address: str = "") -> None:
         emit(event="stranger_seen", pk=public_key.hex(), why=why)
 
     def duplicate_identity(self, address: str) -> None:
