@@ -80,29 +80,51 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600."""
+    """Write ``data`` to ``path`` with mode 0600, atomically and durably.
+
+    A crash at any instant leaves the old file or the new one, never a torn one:
+    the data goes to a temporary file that is fsynced, renamed over ``path``, and
+    the directory fsynced.
+    """
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def load_identity(state_dir: Path) -> Identity:
-    """Read the identity from ``state_dir``; refuse a file others can read."""
-    path = state_dir / IDENTITY_FILE
+def read_private_file(path: Path, missing: str) -> bytes:
+    """A secret's bytes; refuses a file group or others can read or write.
+
+    ``missing`` is what to tell the operator when there is no such file.
+    """
     try:
         mode = path.stat().st_mode
-        seed = path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise StateError(f"no identity at {path}; run 'gossipfl init'") from None
+        raise StateError(f"no {path}; {missing}") from None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StateError(
             f"{path} has mode {stat.S_IMODE(mode):04o}; it must be 0600 or stricter"
         )
+    return data
+
+
+def load_identity(state_dir: Path) -> Identity:
+    """Read the identity from ``state_dir``; refuse a file others can read."""
+    seed = read_private_file(state_dir / IDENTITY_FILE, "run 'gossipfl init'")
     return Identity.from_seed(seed)
 
 

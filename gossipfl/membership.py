@@ -51,7 +51,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import stat
 import struct
 import time
 from collections.abc import Mapping
@@ -465,15 +464,7 @@ def create_mesh(mesh_dir: Path) -> bytes:
 def load_mesh_key(mesh_dir: Path) -> SigningKey:
     """The mesh signing key from ``mesh_dir``; refuses a file others can read."""
     path = mesh_dir / MESH_KEY_FILE
-    try:
-        mode = path.stat().st_mode
-        seed = path.read_bytes()
-    except FileNotFoundError:
-        raise StateError(f"no mesh key at {path}; run 'gossipfl mesh create'") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StateError(
-            f"{path} has mode {stat.S_IMODE(mode):04o}; it must be 0600 or stricter"
-        )
+    seed = ident.read_private_file(path, "run 'gossipfl mesh create'")
     if len(seed) != ident.SEED_BYTES:
         raise StateError(f"{path} holds {len(seed)} bytes, expected {ident.SEED_BYTES}")
     return SigningKey(seed)
