@@ -50,6 +50,7 @@ class GossipSection:
     fanout: int = 1
     round_interval_s: float = 0.0
     max_rounds: int = 0
+    settle_rounds: int = 10
     exchange_timeout_s: float = 10.0
     max_message_bytes: int = 0
     max_edges: int = 16
@@ -109,6 +110,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "gossip.fanout": (1, 64),
     "gossip.round_interval_s": (0.0, 86400.0),
     "gossip.max_rounds": (0, 1 << 62),
+    "gossip.settle_rounds": (0, 1 << 20),
     "gossip.exchange_timeout_s": (0.1, 3600.0),
     "gossip.max_message_bytes": (0, 1 << 32),
     "gossip.max_edges": (1, 1 << 16),

@@ -67,6 +67,7 @@ class Notifier(Protocol):
 STATUS_SCHEMA = 1
 REFUSAL_LOG_LIMIT = 1  # refusals of one (peer, reason) logged at WARNING, then DEBUG
 MAX_STRANGERS = 64  # non-members remembered for status
+FINISHED_EVAL_S = 1.0  # how often a finished node re-scores a model peers changed
 
 
 class Node:
@@ -249,13 +250,23 @@ class Node:
 
     async def _round_loop(self, client: GossipClient) -> None:
         g = self.config.gossip
-        while g.max_rounds == 0 or self.engine.round < g.max_rounds:
+        settled = 0
+        while True:
             began = time.monotonic()
-            self.loss = await self.locked(self.task.train, self.flat.model,
-                                          g.local_steps, self.engine.round)
-            self.engine.round += 1
-            if self.engine.round % g.eval_interval_rounds == 0:
+            if g.max_rounds == 0 or self.engine.round < g.max_rounds:
+                self.loss = await self.locked(self.task.train, self.flat.model,
+                                              g.local_steps, self.engine.round)
+                self.engine.round += 1
+                if self.engine.round % g.eval_interval_rounds == 0:
+                    self.accuracy = await self.locked(self.task.evaluate,
+                                                      self.flat.model)
+            elif settled < g.settle_rounds:
+                # Training is over: gossip only, so the last local steps are
+                # averaged out before the node calls itself finished.
+                settled += 1
                 self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
+            else:
+                break
             self.last_round_at = time.time()
             for peer in self.peers.pick(g.fanout, set(self._in_flight), self.rng,
                                         self._neighbourhood()):
@@ -269,9 +280,17 @@ class Node:
                 await self.locked(self._checkpoint)
             rest = g.round_interval_s - (time.monotonic() - began)
             await asyncio.sleep(max(rest, 0.0))
+        self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
         self.state = "finished"
         log.info("finished %d rounds, accuracy %.3f; serving peers until stopped",
                  self.engine.round, self.accuracy or 0.0)
+        # Peers still merge into this model: keep its accuracy current.
+        version = self.engine.model_version
+        while True:
+            await asyncio.sleep(FINISHED_EVAL_S)
+            if self.engine.model_version != version:
+                version = self.engine.model_version
+                self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
 
     def _neighbourhood(self) -> set[bytes] | None:
         """Once ``max_edges`` edges exist, keep gossiping over those.
