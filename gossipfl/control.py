@@ -37,7 +37,8 @@ async def fetch(socket: Path, path: str, timeout_s: float = 5.0) -> bytes:
             response.raise_for_status()
             return await response.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise NotRunning(f"node at {socket} does not answer: {exc}") from None
+        why = str(exc) or type(exc).__name__
+        raise NotRunning(f"node at {socket} does not answer: {why}") from None
 
 
 async def fetch_status(socket: Path, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -36,6 +36,9 @@ class MessageRefused(GossipflError, ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        # True once the refused message's signature verified: only then may the
+        # refusal be held against the sender it names (counted, answered in full).
+        self.verified = False
 
 
 class DecodeError(MessageRefused):

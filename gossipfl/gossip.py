@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 DENSE = CompressionSpec(Codec.DENSE_F32, 1.0)
 
+MAX_COUNTER = 2**32 - 1  # epoch and seq are 32-bit on the wire
+EPOCH_HINT_WINDOW = 1 << 16  # how far above ours a peer's claimed epoch may be
+
 
 @dataclass
 class Edge:
@@ -223,14 +226,44 @@ class GossipEngine:
         if refusal is None or refusal.reason in ("out-of-sync", "replay"):
             # Unknown outcome (timeout, lost reply) or counters disagree: the peer
             # may have applied our message. Restart the edge from exact copies,
-            # at an epoch above both ends' committed ones.
-            edge.reset_epoch = max(edge.epoch, peer_epoch or 0) + 1
+            # at an epoch above both ends' committed ones. The peer's epoch comes
+            # in an unsigned refusal: take it only within a window of ours, so a
+            # forged one cannot exhaust the 32-bit counter.
+            hint = peer_epoch or 0
+            if hint - edge.epoch >= EPOCH_HINT_WINDOW:
+                log.warning("%s claims edge epoch %d, far above ours (%d); "
+                            "ignoring the claim", short_id(edge.peer), hint,
+                            edge.epoch)
+                hint = 0
+            edge.reset_epoch = min(max(edge.epoch, hint) + 1, MAX_COUNTER)
 
     # --- responder ----------------------------------------------------------------
 
-    def respond(self, request: bytes, is_member: Callable[[bytes], bool]) -> bytes:
-        """Handle one request and return the signed reply; refuse on any fault."""
-        header = self._check(request, Kind.REQUEST, is_member=is_member)
+    def check_request(self, request: bytes, is_member: Callable[[bytes], bool]
+                      ) -> Header:
+        """Every check of a request that needs no edge or model state.
+
+        Thread safe and lock free (it reads only the identity, manifest and
+        dimension), so the node runs it before taking the model lock: garbage and
+        forgeries never wait for, or hold up, training.
+        """
+        return self._check(request, Kind.REQUEST, is_member=is_member)
+
+    def respond(self, request: bytes, is_member: Callable[[bytes], bool],
+                header: Header | None = None) -> bytes:
+        """Handle one request and return the signed reply; refuse on any fault.
+
+        ``header`` is ``check_request``'s result when the caller ran it already.
+        """
+        if header is None:
+            header = self.check_request(request, is_member)
+        try:
+            return self._respond(request, header)
+        except MessageRefused as exc:
+            exc.verified = True
+            raise
+
+    def _respond(self, request: bytes, header: Header) -> bytes:
         edge = self.edge(header.sender)
         self._check_counters(edge, header)
         if edge.busy:
@@ -281,9 +314,11 @@ class GossipEngine:
             # Only a holder of our own key can sign this: verify first, so that
             # nobody can make us report a duplicate by claiming our key.
             verify_signature(data, header)
-            raise MessageRefused("own-identity",
-                                 "a message signed with this node's own identity: "
-                                 "another box runs a copy of it")
+            refusal = MessageRefused("own-identity",
+                                     "a message signed with this node's own "
+                                     "identity: another box runs a copy of it")
+            refusal.verified = True
+            raise refusal
         if expect_sender is not None and header.sender != expect_sender:
             raise MessageRefused("unknown-sender",
                                  f"reply from {short_id(header.sender)}, expected "
@@ -292,6 +327,14 @@ class GossipEngine:
             raise MessageRefused("unknown-sender",
                                  f"{short_id(header.sender)} is not a member")
         verify_signature(data, header)
+        try:
+            self._check_verified(header)
+        except MessageRefused as exc:
+            exc.verified = True
+            raise
+        return header
+
+    def _check_verified(self, header: Header) -> None:
         if header.receiver != self.identity.public_key:
             raise MessageRefused("not-for-us",
                                  f"addressed to {short_id(header.receiver)}")
@@ -306,7 +349,6 @@ class GossipEngine:
                                  f"{self.model.size}")
         if header.reset and header.codec is not Codec.DENSE_F32:
             raise MessageRefused("malformed", "a reset must be dense")
-        return header
 
     def _compress(self, edge: Edge, reset: bool, epoch: int, seq: int
                   ) -> Compressed:
@@ -329,6 +371,8 @@ class GossipEngine:
         edge.mine, edge.theirs = mine, theirs
         edge.epoch, edge.seq = header.epoch, header.seq + 1
         edge.reset_epoch = None
+        if edge.seq >= MAX_COUNTER:  # about 4e9 exchanges: start a new epoch
+            edge.reset_epoch = min(edge.epoch + 1, MAX_COUNTER)
         edge.last_used = self.clock()
         self.model_version += 1
         counts = self.counts_for(edge.peer)

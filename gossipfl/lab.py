@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ConfigError, MeshError, StateError
+from .procs import running, start_time
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def lab_spawn(
         env=env,
         cwd=lab.node(index).state_dir,
     )
-    start = _start_time(proc.pid)
+    start = start_time(proc.pid)
     root = Path(lab.root)
     with _locked(root):
         current = load_lab(root)
@@ -361,7 +362,7 @@ def lab_status(root: Path) -> LabStatus:
             )
         )
     procs = [
-        ProcessStatus(p.pid, p.node, p.argv, _start_time(p.pid) == p.start_time)
+        ProcessStatus(p.pid, p.node, p.argv, start_time(p.pid) == p.start_time)
         for p in lab.processes
     ]
     return LabStatus(lab.name, lab.root, nodes, procs)
@@ -376,7 +377,7 @@ def lab_down(root: Path, stop_timeout_s: float = 15.0) -> None:
 
     # Processes: the recorded ones first, so that each can take down what it
     # started (a daemon its wireguard-go), then anything left in a lab namespace.
-    recorded = {p.pid for p in lab.processes if _start_time(p.pid) == p.start_time}
+    recorded = {p.pid for p in lab.processes if start_time(p.pid) == p.start_time}
     _stop(set(recorded), stop_timeout_s)
     pids = set(recorded)
     existing = set(_run(["ip", "netns", "list"]).stdout.split())
@@ -414,30 +415,10 @@ def _stop(pids: set[int], timeout_s: float) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline:
-        pids = {pid for pid in pids if _running(pid)}
+        pids = {pid for pid in pids if running(pid)}
         if pids:
             time.sleep(0.02)
     for pid in pids:
         logger.warning("lab: pid %d ignored SIGTERM; killing", pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may hold spaces and parentheses; fields follow the last ")".
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return None if fields is None or fields[0] == "Z" else int(fields[19])
-
-
-def _running(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != "Z"

@@ -666,12 +666,15 @@ class UserspaceBackend(WireGuardBackend):
             "LOG_LEVEL", "verbose" if logger.isEnabledFor(logging.DEBUG) else "error"
         )
         try:
+            # A session of its own: Ctrl-C on the terminal of `gossipfl up` must
+            # reach the daemon only, which then stops the child itself (down()).
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             raise MeshError(f"failed to start {' '.join(argv)}: {exc}") from None

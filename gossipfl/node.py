@@ -14,8 +14,11 @@ One asyncio event loop (uvloop when installed) runs three servers and one loop:
 There is no barrier and no coordinator: every node runs the same loop at its own
 pace. Checkpoints are written every ``checkpoint_interval_s`` and at shutdown.
 
-Ownership: the model vector and the engine's edges are touched only by worker
-threads holding ``model_lock``; the peer set and counters only by the event loop.
+Ownership: the model vector, the edges' copies and counters are written only by
+worker threads holding ``model_lock``. The event loop reads the engine's dicts
+(counts, edges) only through single C-level operations (``get``, ``list()``,
+``set()``), which the GIL makes atomic; the peer set and the node's own refusal
+records belong to the event loop alone.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class Node:
         self.last_round_at = 0.0
         self.last_checkpoint_at = 0.0
         self.refused: dict[str, int] = {}
-        self._refusals_logged: dict[tuple[bytes, str], int] = {}
+        self._refusals_logged: dict[tuple[bytes, str], int] = {}  # bounded
         self.strangers: dict[str, dict[str, Any]] = {}
         self.duplicate_identity: list[str] = []
         self.state = "starting"
@@ -212,7 +215,7 @@ class Node:
         last = (-1, -1)
         while True:
             live = len(self.peers.live())
-            exchanges = sum(c.exchanges for c in self.engine.counts.values())
+            exchanges = sum(c.exchanges for c in list(self.engine.counts.values()))
             notifier.status(f"round {self.engine.round}, {live} live peer(s), "
                             f"{exchanges} exchanges, accuracy "
                             f"{(self.accuracy or 0.0):.3f}")
@@ -286,11 +289,14 @@ class Node:
                  self.engine.round, self.accuracy or 0.0)
         # Peers still merge into this model: keep its accuracy current.
         version = self.engine.model_version
+        await self.locked(self._checkpoint)
         while True:
             await asyncio.sleep(FINISHED_EVAL_S)
             if self.engine.model_version != version:
                 version = self.engine.model_version
                 self.accuracy = await self.locked(self.task.evaluate, self.flat.model)
+                if time.time() - self.last_checkpoint_at >= g.checkpoint_interval_s:
+                    await self.locked(self._checkpoint)
 
     def _neighbourhood(self) -> set[bytes] | None:
         """Once ``max_edges`` edges exist, keep gossiping over those.
@@ -349,8 +355,10 @@ class Node:
     # --- serving ------------------------------------------------------------------
 
     async def handle_exchange(self, body: bytes, remote: str) -> bytes:
-        reply: bytes = await self.locked(self.engine.respond, body,
+        header = await asyncio.to_thread(self.engine.check_request, body,
                                          self.peers.is_member)
+        reply: bytes = await self.locked(self.engine.respond, body,
+                                         self.peers.is_member, header)
         # The request verified: the peer is alive and in step, whatever our own
         # attempts to reach it said.
         self.peers.succeeded(bytes(body[8:40]))
@@ -381,7 +389,7 @@ class Node:
             log.debug("%s (%s) edge busy; it will retry", who, remote)
             return
         self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-        if claimed and self.peers.is_member(claimed):
+        if claimed and exc.verified and self.peers.is_member(claimed):
             self.engine.refused(claimed, exc.reason)
         elif claimed and exc.reason == "unknown-sender" and (
                 claimed.hex() in self.strangers or len(self.strangers) < MAX_STRANGERS):
@@ -394,9 +402,12 @@ class Node:
             log.error("another node at %s uses this node's identity %s; give each "
                       "box its own key ('gossipfl init')", remote,
                       self.identity.short_id)
-        # What a peer can trigger is logged at WARNING once per (sender, reason),
-        # then at DEBUG; the memory for that is bounded.
-        key = (claimed, exc.reason)
+        # What a peer can trigger is logged at WARNING once per (source, reason),
+        # then at DEBUG; the memory for that is bounded. The source is the signer
+        # when the signature verified, else the remote host (the claimed key is
+        # anyone's to forge).
+        host = remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
+        key = (claimed if exc.verified else host.encode(), exc.reason)
         if key not in self._refusals_logged and len(self._refusals_logged) >= 4096:
             self._refusals_logged.clear()
         seen = self._refusals_logged.get(key, 0) + 1
@@ -433,7 +444,9 @@ class Node:
             })
             for more in self.peer_status:
                 peers[-1].update(more(key))
-        all_counts = self.engine.counts.values()
+        # Worker threads may add entries meanwhile: work on a copy (one C-level
+        # call under the GIL).
+        all_counts = list(self.engine.counts.values())
         problems = self._problems(now, peers)
         status: dict[str, Any] = {
             "schema": STATUS_SCHEMA,

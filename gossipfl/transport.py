@@ -14,6 +14,7 @@ transport itself needs no TLS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 EXCHANGE_PATH = "/v1/exchange"
 CONTENT_TYPE = "application/octet-stream"
 CONNECT_TIMEOUT_S = 3.0
+BODY_TIMEOUT_S = 30.0  # a request body must arrive within this
+MAX_CONCURRENT_REQUESTS = 32  # more at once are answered 503
 
 # Which HTTP status a refusal travels with.
 STATUS = {
@@ -39,6 +42,7 @@ STATUS = {
     "bad-signature": 403,
     "own-identity": 403,
     "not-for-us": 403,
+    "slow-body": 408,
 }
 
 Handler = Callable[[bytes, str], Awaitable[bytes]]
@@ -66,21 +70,28 @@ def make_app(handler: Handler, max_bytes: int,
     claimed sender is unverified and empty when the body is too short to say.
     """
 
+    slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+
     async def exchange(request: web.Request) -> web.StreamResponse:
         remote = request.remote or "?"
-        length = request.content_length
-        body: bytes | None = None
-        try:
-            if length is not None and length > max_bytes:
-                raise MessageRefused("oversized", f"body of {length} bytes exceeds "
-                                     f"max {max_bytes}")
-            body = await read_capped(request.content, max_bytes)
-            reply = await handler(body, remote)
-        except MessageRefused as exc:
-            sender = body_sender(body)
-            on_refusal(sender or b"", remote, exc)
-            return refusal_response(exc, edge_epoch(sender) if sender else None)
-        return web.Response(body=reply, content_type=CONTENT_TYPE)
+        if slots.locked():
+            return web.json_response({"reason": "busy", "detail": "too many "
+                                      "requests in progress; retry later"},
+                                     status=503)
+        async with slots:
+            body: bytes | None = None
+            try:
+                body = await read_body(request, max_bytes)
+                reply = await handler(body, remote)
+            except MessageRefused as exc:
+                sender = body_sender(body)
+                on_refusal(sender or b"", remote, exc)
+                # Our edge epoch goes only to the member that signed the request.
+                hint = edge_epoch(sender) if sender and exc.verified else None
+                return refusal_response(exc, hint)
+            except ClientGone:
+                return web.Response(status=400)
+            return web.Response(body=reply, content_type=CONTENT_TYPE)
 
     app = web.Application(client_max_size=max_bytes)
     app.router.add_post(EXCHANGE_PATH, exchange)
@@ -94,6 +105,27 @@ def body_sender(body: bytes | None) -> bytes | None:
     if body is None or len(body) < HEADER_BYTES:
         return None
     return bytes(body[8:40])
+
+
+class ClientGone(Exception):
+    """The client went away in the middle of its request body."""
+
+
+async def read_body(request: web.Request, max_bytes: int,
+                    timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole request body: size capped, time capped, before anything parses it."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise MessageRefused("oversized", f"body of {length} bytes exceeds max "
+                             f"{max_bytes}")
+    try:
+        return await asyncio.wait_for(read_capped(request.content, max_bytes),
+                                      timeout_s)
+    except TimeoutError:
+        raise MessageRefused("slow-body", f"body not received within {timeout_s:g} "
+                             "s") from None
+    except (OSError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
+        raise ClientGone() from None
 
 
 async def read_capped(stream: aiohttp.StreamReader, max_bytes: int) -> bytes:
@@ -154,7 +186,8 @@ async def refusal_from(response: aiohttp.ClientResponse) -> PeerRefusal:
         reason = str(body["reason"])[:64]
         detail = str(body.get("detail", ""))[:512]
         epoch = body.get("epoch")
-        epoch = epoch if isinstance(epoch, int) and epoch >= 0 else None
+        valid = isinstance(epoch, int) and 0 <= epoch < 2**32
+        epoch = epoch if valid else None
     except (ValueError, KeyError, TypeError):
         return PeerRefusal("http-error", f"HTTP {response.status}: {text[:200]}", None)
     return PeerRefusal(reason, detail, epoch)

@@ -42,12 +42,13 @@ from aiohttp import web
 
 from . import discovery as disc
 from . import membership as mb
-from . import mesh
+from . import mesh, procs
 from .config import Config, MeshSection
 from .errors import DecodeError, GossipflError, MeshError, MessageRefused
 from .identity import load_or_create_identity, short_id
 from .node import MAX_STRANGERS, Node, Notifier, configure_logging, event_loop_runner
 from .notify import Notifier as SdNotifier
+from .transport import ClientGone, read_body, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +251,13 @@ class MeshAgent:
             self.peer_seen(record.peer)
 
     async def records_handler(self, request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_RECORDS_BYTES + 1)
         try:
-            blobs = unpack_records(body)
+            blobs = unpack_records(await read_body(request, MAX_RECORDS_BYTES))
         except MessageRefused as exc:
             return web.json_response({"reason": exc.reason, "detail": exc.detail},
                                      status=400)
+        except ClientGone:
+            return web.Response(status=400)
         self.take_records(blobs, request.remote or "?")
         mine = await self.own_record(self.cfg.gossip_port)
         reply = self.known_records() + ([mine] if mine else [])
@@ -280,13 +282,16 @@ class MeshAgent:
                     async with session.post(peer.address + RECORDS_PATH,
                                             data=body) as response:
                         if response.status != 200:
+                            log.info("%s refused our records: HTTP %d",
+                                     short_id(peer.public_key), response.status)
                             continue
-                        data = await response.content.read(MAX_RECORDS_BYTES + 1)
+                        data = await read_capped(response.content,
+                                                 MAX_RECORDS_BYTES)
                     self.take_records(unpack_records(data), short_id(peer.public_key))
                 except (aiohttp.ClientError, OSError, TimeoutError,
                         MessageRefused) as exc:
-                    log.debug("%s record swap failed: %s", short_id(peer.public_key),
-                              exc)
+                    log.info("%s record swap failed: %s", short_id(peer.public_key),
+                             exc)
 
     # --- status -------------------------------------------------------------------
 
@@ -343,35 +348,32 @@ def read_state(config: Config) -> dict[str, Any] | None:
     return data
 
 
-def alive(pid: int | None) -> bool:
-    """True while ``pid`` runs. A zombie (dead, its parent has not reaped it yet)
-    does not: a SIGKILLed ``up`` must not block its own restart, nor its orphaned
-    wireguard-go hold up the cleaning until init gets round to it."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:
-        return True  # cannot tell; signal 0 said it exists
-    return stat[stat.rindex(")") + 2] != "Z"
+def recorded(state: dict[str, Any], key: str) -> int | None:
+    """The pid under ``key`` if that very process still runs (start time matches)."""
+    pid, started = state.get(key), state.get(key + "_start")
+    if isinstance(pid, int) and isinstance(started, int) and \
+            procs.same_process(pid, started):
+        return pid
+    return None
+
+
+def process_state(config: Config, backend: mesh.WireGuardBackend) -> dict[str, Any]:
+    own = os.getpid()
+    wg_pid = getattr(backend, "pid", None)
+    return {"pid": own, "pid_start": procs.start_time(own),
+            "interface": config.mesh.interface if config.mesh else None,
+            "backend": backend.kind, "wg_pid": wg_pid,
+            "wg_pid_start": procs.start_time(wg_pid) if wg_pid else None}
 
 
 async def clean_leftovers(config: Config, cfg: MeshSection) -> None:
     """Remove what a crashed ``up`` left behind: child, interface, socket, state."""
     state = read_state(config) or {}
-    wg_pid = state.get("wg_pid")
-    if wg_pid and alive(wg_pid):
-        os.kill(int(wg_pid), signal.SIGTERM)
+    wg_pid = recorded(state, "wg_pid")
+    if wg_pid is not None:
+        os.kill(wg_pid, signal.SIGTERM)
         for _ in range(50):
-            if not alive(wg_pid):
+            if not procs.running(wg_pid):
                 break
             await asyncio.sleep(0.1)
     ifname = state.get("interface", cfg.interface)
@@ -389,8 +391,9 @@ async def run_up(config: Config, notifier: Notifier | None = None) -> None:
                         "(or run 'gossipfl daemon' without a mesh)")
     cfg = config.mesh
     state = read_state(config)
-    if state and alive(state.get("pid")) and state.get("pid") != os.getpid():
-        raise MeshError(f"gossipfl up already runs as pid {state['pid']}; "
+    running = recorded(state, "pid") if state else None
+    if running is not None and running != os.getpid():
+        raise MeshError(f"gossipfl up already runs as pid {running}; "
                         "'gossipfl down' stops it")
     if state:
         log.info("cleaning up after a previous run that did not stop cleanly")
@@ -405,9 +408,7 @@ async def run_up(config: Config, notifier: Notifier | None = None) -> None:
     await backend.up(cfg.interface, mesh.wg_private_key(node_probe), cfg.listen_port,
                      address, cfg.mtu)
     try:
-        write_state(config, {"pid": os.getpid(), "interface": cfg.interface,
-                             "backend": backend.kind,
-                             "wg_pid": getattr(backend, "pid", None)})
+        write_state(config, process_state(config, backend))
         listen = f"[{address.ip}]:{cfg.gossip_port}"
         node = Node(replace(config, node=replace(config.node, listen=listen)),
                     node_probe)
@@ -419,13 +420,17 @@ async def run_up(config: Config, notifier: Notifier | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stop)
         await node.start()
-        await agent.start(cfg.gossip_port)
-        log.info("mesh up: %s %s (%s), gossip on %s", cfg.interface, address,
-                 backend.kind, listen)
-        if notifier is not None:
-            notifier.ready()
         try:
-            await node.serve_rounds(notifier)
+            await agent.start(cfg.gossip_port)
+            log.info("mesh up: %s %s (%s), gossip on %s", cfg.interface, address,
+                     backend.kind, listen)
+            if notifier is not None:
+                notifier.ready()
+            keeper = asyncio.create_task(keep_state(config, backend))
+            try:
+                await node.serve_rounds(notifier)
+            finally:
+                keeper.cancel()
         finally:
             await agent.stop()
             await node.close()
@@ -433,6 +438,17 @@ async def run_up(config: Config, notifier: Notifier | None = None) -> None:
         await backend.down()
         with contextlib.suppress(FileNotFoundError):
             (runtime_dir(config) / STATE_FILE).unlink()
+
+
+async def keep_state(config: Config, backend: mesh.WireGuardBackend) -> None:
+    """Rewrite the state file when the supervisor restarted wireguard-go."""
+    written = getattr(backend, "pid", None)
+    while True:
+        await asyncio.sleep(STATS_INTERVAL_S)
+        now = getattr(backend, "pid", None)
+        if now != written:
+            write_state(config, process_state(config, backend))
+            written = now
 
 
 def main_up(config: Config) -> int:
@@ -453,13 +469,13 @@ def main_down(config: Config) -> int:
     if config.mesh is None:
         raise MeshError(f"{config.path}: no [mesh] section")
     state = read_state(config)
-    pid = state.get("pid") if state else None
-    if pid and alive(pid):
-        os.kill(int(pid), signal.SIGTERM)
+    pid = recorded(state, "pid") if state else None
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + DOWN_TIMEOUT_S
-        while alive(pid) and time.monotonic() < deadline:
+        while procs.running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if alive(pid):
-            os.kill(int(pid), signal.SIGKILL)
+        if procs.running(pid):
+            os.kill(pid, signal.SIGKILL)
     asyncio.run(clean_leftovers(config, config.mesh))
     return 0

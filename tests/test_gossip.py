@@ -311,3 +311,23 @@ def test_claiming_our_own_key_without_it_is_a_bad_signature_not_a_duplicate(
     with pytest.raises(MessageRefused) as info:
         b.respond(bytes(forged), member)
     assert info.value.reason == "bad-signature"
+
+
+def test_a_forged_huge_epoch_hint_cannot_break_the_edge() -> None:
+    a, b = engines(2)
+    pending = a.start(b.identity.public_key)
+    assert pending is not None
+    a.abort(pending, MessageRefused("replay", "forged"), peer_epoch=2**32 - 1)
+    reset = a.start(b.identity.public_key)  # would overflow the 32-bit field
+    assert reset is not None and reset.reset and reset.epoch == 1
+    a.finish(reset, b.respond(reset.request, member))
+    exchange(a, b)
+
+
+def test_epoch_hints_within_the_window_are_followed() -> None:
+    a, b = engines(2)
+    pending = a.start(b.identity.public_key)
+    assert pending is not None
+    a.abort(pending, MessageRefused("replay", "behind"), peer_epoch=7)
+    reset = a.start(b.identity.public_key)
+    assert reset is not None and reset.epoch == 8

@@ -272,3 +272,45 @@ def test_a_hung_peer_does_not_stall_the_rounds_or_the_other_peers(
             await server.close()
 
     run(body)
+
+
+def test_a_client_that_vanishes_mid_body_leaves_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        victim = Node(config(tmp_path, 0, {1: "http://127.0.0.1:9"}), KEYS[0])
+        await victim.start()
+        try:
+            with caplog.at_level(logging.DEBUG):
+                for _ in range(5):
+                    _, writer = await asyncio.open_connection("127.0.0.1",
+                                                              victim.listen_port)
+                    writer.write(b"POST /v1/exchange HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 5000\r\n\r\n" + b"G" * 100)
+                    await writer.drain()
+                    writer.close()
+                await asyncio.sleep(0.5)
+                # the node still answers
+                status = await fetch_status(victim.config.control_socket)
+                assert status["state"] == "running"
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        finally:
+            await victim.close()
+
+    run(body)
+
+
+def test_a_forged_request_learns_no_edge_epoch(tmp_path: Path) -> None:
+    async def body() -> None:
+        victim = Node(config(tmp_path, 0, {1: "http://127.0.0.1:9"}), KEYS[0])
+        attacker = Node(config(tmp_path, 1, {0: "http://127.0.0.1:9"}), KEYS[1])
+        await victim.start()
+        try:
+            status, reply = await post(victim.listen_port,
+                                       attack("bad-signature", victim, attacker))
+            assert status == 403 and b"epoch" not in reply
+            peer = next(p for p in victim.status()["peers"] if p["name"] == "n1")
+            assert peer["refused"] == {}  # not held against the member it names
+        finally:
+            await victim.close()
+
+    run(body)
