@@ -177,3 +177,35 @@ def test_a_mesh_section_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"mesh\.seeds must be a list"):
         config_from_dict({"mesh": {"seeds": "x"}}, Path("."))
     assert isinstance(config_from_dict({"mesh": {}}, Path(".")).mesh, MeshSection)
+
+
+def test_down_never_signals_a_process_that_merely_reuses_a_recorded_pid(
+        tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from gossipfl import procs
+    from gossipfl.up import STATE_FILE, main_down
+
+    config = config_from_dict({"node": {"state_dir": str(tmp_path / "s")},
+                               "mesh": {"interface": "gfltest9"}}, tmp_path)
+    (tmp_path / "s").mkdir()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        started = procs.start_time(bystander.pid)
+        assert started is not None
+        state = tmp_path / "s" / STATE_FILE
+        # The same pid, but not the process that was recorded (another start time).
+        state.write_text(json.dumps({"pid": bystander.pid, "pid_start": started - 1,
+                                     "wg_pid": bystander.pid,
+                                     "wg_pid_start": started - 1}))
+        assert main_down(config) == 0
+        assert bystander.poll() is None, "an unrelated process was signalled"
+        assert not state.exists()
+        # The very process that was recorded is stopped.
+        state.write_text(json.dumps({"pid": bystander.pid, "pid_start": started}))
+        assert main_down(config) == 0
+        assert bystander.wait(timeout=10) is not None
+    finally:
+        bystander.kill()
+        bystander.wait()
