@@ -17,9 +17,10 @@ from .control import (
     fetch_status,
     render_status,
 )
-from .errors import GossipflError
+from .errors import ConfigError, GossipflError
 
 DEFAULT_CONFIG = Path("/etc/gossipfl/gossipfl.toml")
+MAX_VALID_DAYS = 36500  # a certificate lasts at most a hundred years
 
 EPILOG = """\
 exit codes: 0 success (status: healthy), 1 degraded, 2 error (bad config, bad state),
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--dir", type=Path, default=Path("mesh"),
                       help="where the mesh key is (default ./mesh)")
     sign.add_argument("--valid-days", type=float, default=None,
-                      help="expiry in days (default: no expiry)")
+                      help=f"expiry in days, at most {MAX_VALID_DAYS} (default: "
+                           "no expiry)")
     join = mesh_sub.add_parser("join", help="install this node's certificate",
                                description="Check CERT against this node's key and "
                                            "the mesh public key, then store both in "
@@ -238,13 +240,24 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         print(f"public key  {mb.encode_key(public)}")
         return 0
     if args.mesh_command == "sign":
-        valid = None if args.valid_days is None else int(args.valid_days * 86400)
+        valid = None
+        if args.valid_days is not None:
+            if not 0 < args.valid_days <= MAX_VALID_DAYS:
+                raise ConfigError(f"--valid-days {args.valid_days:g} is outside "
+                                  f"(0, {MAX_VALID_DAYS}]")
+            valid = int(args.valid_days * 86400)
         print(mb.sign_node(args.dir, args.node_key, args.name, valid).to_text())
         return 0
-    config = load_config(args.config)
     cert = args.cert
     if cert.startswith("@"):
-        cert = Path(cert[1:]).read_text()
+        try:
+            cert = Path(cert[1:]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"certificate file {cert[1:]} cannot be read: "
+                              f"{exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"certificate file {cert[1:]} is not text") from None
+    config = load_config(args.config)
     identity = load_identity(config.node.state_dir)
     joined = mb.join_mesh(config.node.state_dir, identity, cert.strip(),
                           args.mesh_key)

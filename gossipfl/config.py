@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PORT = 7400
+MIN_MESSAGE_BYTES = 1024  # a smaller cap is a typo: header and signature are 188
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Config:
 
 LIMITS: dict[str, tuple[float, float]] = {
     "task.shard_count": (1, 1 << 20),
+    "task.seed": (0, (1 << 63) - 1),
     "task.alpha": (1e-6, 1e6),
     "task.lr": (1e-9, 100.0),
     "task.batch_size": (1, 1 << 20),
@@ -152,8 +154,14 @@ def _coerce(section: str, key: str, value: Any, default: Any, annotation: str,
     if where in LIMITS:
         low, high = LIMITS[where]
         if isinstance(value, int | float) and not low <= value <= high:
-            raise ConfigError(f"{where} = {value!r} is outside {low:g}..{high:g}")
+            raise ConfigError(f"{where} = {value!r} is outside "
+                              f"{_limit(low)}..{_limit(high)}")
     return value
+
+
+def _limit(value: float) -> str:
+    """A limit as the operator would write it: integers exactly."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _section(cls: type[Any], raw: dict[str, Any], name: str, base: Path) -> Any:
@@ -236,6 +244,10 @@ def config_from_dict(raw: dict[str, Any], base: Path, path: Path | None = None
     task = _section(TaskSection, raw.get("task", {}), "task", base)
     gossip = _section(GossipSection, raw.get("gossip", {}), "gossip", base)
     parse_listen(node.listen)
+    if 0 < gossip.max_message_bytes < MIN_MESSAGE_BYTES:
+        raise ConfigError(f"gossip.max_message_bytes = {gossip.max_message_bytes} is "
+                          f"below the minimum {MIN_MESSAGE_BYTES} (0: derived from "
+                          "the model)")
     if not 0 <= task.shard_index < task.shard_count:
         raise ConfigError(f"task.shard_index {task.shard_index} is outside 0.."
                           f"{task.shard_count - 1} (task.shard_count)")
@@ -248,4 +260,16 @@ def config_from_dict(raw: dict[str, Any], base: Path, path: Path | None = None
         if mesh.backend not in ("auto", "kernel", "userspace"):
             raise ConfigError(f"mesh.backend {mesh.backend!r} is not one of auto, "
                               "kernel, userspace")
+        _check_seeds(mesh)
     return Config(node, task, gossip, _peers(raw.get("peers", []), base), path, mesh)
+
+
+def _check_seeds(mesh: MeshSection) -> None:
+    """Parse every static seed now, so a typo stops the node at load time."""
+    from .discovery import parse_seed  # discovery imports the mesh layer
+
+    for n, seed in enumerate(mesh.seeds):
+        try:
+            parse_seed(seed, mesh.gossip_port)
+        except ValueError as exc:
+            raise ConfigError(f"mesh.seeds[{n}]: {exc}") from None

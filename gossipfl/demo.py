@@ -4,7 +4,8 @@ Each node is a separate ``gossipfl daemon`` process with its own identity, state
 directory, port and Dirichlet shard of the digits data; they know each other from a
 static peer list. The demo only watches (through each node's control socket) and
 never touches a model. It stops when every node has run ``--rounds`` rounds, prints a
-summary and, with ``--report``, writes it as JSON. Ctrl-C stops every child.
+summary and, with ``--report``, writes it as JSON. Ctrl-C, SIGTERM and SIGHUP stop
+every child.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .compress import CompressionSpec
+from .config import config_from_dict
 from .control import NotRunning, fetch_model, fetch_status
 from .errors import ConfigError
 from .identity import Identity, ensure_private_dir, write_private_file
@@ -80,6 +84,33 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def node_tables(opts: DemoOptions, i: int, state_dir: Path, port: int
+                ) -> dict[str, dict[str, Any]]:
+    """Node ``i``'s [node], [task] and [gossip] tables; its peers are added apart."""
+    return {
+        "node": {"name": f"node{i}", "state_dir": str(state_dir),
+                 "listen": f"127.0.0.1:{port}"},
+        "task": {"name": "digits", "shard_index": i, "shard_count": opts.nodes,
+                 "seed": opts.seed, "alpha": opts.alpha},
+        "gossip": {"compression": opts.compression,
+                   "topk_fraction": opts.topk_fraction,
+                   "consensus_step": opts.consensus_step, "max_rounds": opts.rounds,
+                   "checkpoint_interval_s": 5.0, **opts.extra},
+    }
+
+
+def check_options(opts: DemoOptions) -> None:
+    """Refuse options no node would start with, before any child is started."""
+    if opts.nodes < 2:
+        raise ConfigError(f"--nodes {opts.nodes}: a demo needs at least 2 nodes")
+    if opts.rounds < 1:
+        raise ConfigError(f"--rounds {opts.rounds}: a demo needs at least 1 round")
+    config = config_from_dict(node_tables(opts, 0, Path("node0"), 0), Path.cwd())
+    gossip = config.gossip
+    CompressionSpec.from_name(gossip.compression, gossip.topk_fraction,
+                              gossip.block_size)
+
+
 def write_configs(opts: DemoOptions, root: Path) -> list[Path]:
     """One state directory and config per node, each listing all the others."""
     root = root.resolve()
@@ -93,22 +124,18 @@ def write_configs(opts: DemoOptions, root: Path) -> list[Path]:
         identities.append(identity)
     paths = []
     for i in range(opts.nodes):
-        gossip = {"compression": opts.compression,
-                  "topk_fraction": opts.topk_fraction,
-                  "consensus_step": opts.consensus_step, "max_rounds": opts.rounds,
-                  "checkpoint_interval_s": 5.0, **opts.extra}
-        lines = ["[node]", f'name = "node{i}"', f'state_dir = "{root / f"node{i}"}"',
-                 f'listen = "127.0.0.1:{ports[i]}"', "", "[task]", 'name = "digits"',
-                 f"shard_index = {i}", f"shard_count = {opts.nodes}",
-                 f"seed = {opts.seed}", f"alpha = {opts.alpha!r}", "", "[gossip]"]
-        lines += [f"{k} = {toml_value(v)}" for k, v in gossip.items()]
+        lines = []
+        for section, table in node_tables(opts, i, root / f"node{i}",
+                                          ports[i]).items():
+            lines += [f"[{section}]", *(f"{k} = {toml_value(v)}"
+                                        for k, v in table.items()), ""]
         for j in range(opts.nodes):
             if j != i:
-                lines += ["", "[[peers]]", f'name = "node{j}"',
+                lines += ["[[peers]]", f'name = "node{j}"',
                           f'public_key = "{identities[j].public_key.hex()}"',
-                          f'address = "http://127.0.0.1:{ports[j]}"']
+                          f'address = "http://127.0.0.1:{ports[j]}"', ""]
         path = root / f"node{i}.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines))
         paths.append(path)
     return paths
 
@@ -120,6 +147,7 @@ class Screen:
         self.tty = sys.stdout.isatty()
         self.height = 0
         self.last_print = 0.0
+        self.header_printed = False
 
     def show(self, text: str) -> None:
         if self.tty:
@@ -129,7 +157,11 @@ class Screen:
             sys.stdout.flush()
             self.height = text.count("\n") + 1
         elif time.monotonic() - self.last_print >= 5.0:
-            print(text.splitlines()[2], flush=True)
+            lines = text.splitlines()
+            if not self.header_printed:
+                print(lines[1])  # the column header, once
+                self.header_printed = True
+            print(lines[2], flush=True)
             self.last_print = time.monotonic()
 
 
@@ -167,8 +199,9 @@ async def watch(opts: DemoOptions, sockets: list[Path],
     while True:
         for i, proc in enumerate(procs):
             if proc.poll() is not None:
+                log = sockets[i].parent.with_name(f"node{i}.log")
                 raise RuntimeError(f"node{i} exited with code {proc.returncode}; see "
-                                   f"its log in {sockets[i].parent}")
+                                   f"its log {log}")
         try:
             statuses = await asyncio.gather(*(fetch_status(s) for s in sockets))
             models = await asyncio.gather(*(fetch_model(s) for s in sockets))
@@ -264,16 +297,30 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> Non
             proc.wait()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
-    """Run the demo to the end; returns the report."""
-    if opts.nodes < 2:
-        raise ConfigError(f"--nodes {opts.nodes}: a demo needs at least 2 nodes")
+    """Run the demo to the end; returns the report.
+
+    SIGTERM and SIGHUP stop it like Ctrl-C (KeyboardInterrupt): every child is
+    stopped, and the temporary work directory removed (one given with ``--dir``
+    is kept).
+    """
+    check_options(opts)
     root = opts.workdir or Path(tempfile.mkdtemp(prefix="gossipfl-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    configs = write_configs(opts, root)
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # else not allowed
+        previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
     procs: list[subprocess.Popen[bytes]] = []
-    ok = False
+    ok = interrupted = False
     try:
+        configs = write_configs(opts, root)
         for i, cfg in enumerate(configs):
             log = open(root / f"node{i}.log", "wb")  # noqa: SIM115 (child owns it)
             procs.append(subprocess.Popen(
@@ -283,9 +330,17 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         sockets = [root / f"node{i}" / "control.sock" for i in range(opts.nodes)]
         report = asyncio.run(watch(opts, sockets, procs))
         ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
+        # A second SIGTERM must not cut the stopping short.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
         stop_all(procs)
-        if ok and not opts.keep and opts.workdir is None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if (ok or interrupted) and not opts.keep and opts.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
         elif not ok:
             print(f"\nlogs and state kept in {root}", file=sys.stderr)

@@ -75,8 +75,12 @@ def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
 
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (and parents) with mode 0700, and tighten it if it exists."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StateError(f"cannot use {path} as a private directory: "
+                         f"{exc.strerror or exc}") from None
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -131,8 +135,14 @@ def load_identity(state_dir: Path) -> Identity:
 def load_or_create_identity(state_dir: Path) -> tuple[Identity, bool]:
     """The identity in ``state_dir``, made now if there is none; True if made."""
     ensure_private_dir(state_dir)
-    if (state_dir / IDENTITY_FILE).exists():
+    path = state_dir / IDENTITY_FILE
+    if os.path.lexists(path):
+        if not path.exists():
+            # exists() follows the link: a dangling one must not pass for "no key".
+            raise StateError(f"{path} is a dangling link (to {os.readlink(path)}); "
+                             "restore its target or remove the link, a node's key "
+                             "is never replaced")
         return load_identity(state_dir), False
     identity = Identity.generate()
-    write_private_file(state_dir / IDENTITY_FILE, identity.seed)
+    write_private_file(path, identity.seed)
     return identity, True

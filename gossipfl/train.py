@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import math
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,8 @@ from .errors import ConfigError
 
 MIN_SHARD = 8  # a node's shard holds at least this many training samples
 TEST_FRACTION = 0.2
+MAX_LABEL = 65535  # at most 65536 classes: the output layer is hidden x classes
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -239,12 +244,19 @@ def digits_task(ctx: TaskContext) -> Task:
 def load_npz(path: Path) -> dict[str, npt.NDArray[Any]]:
     """Arrays of a user's data file, checked; refuses pickled objects."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        # Our own file object: np.load leaks the one it opens when the zip is bad.
+        with open(path, "rb") as file:
+            loaded = np.load(file, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ConfigError(f"data file {path} is a single array (.npy), not "
+                                  "an .npz archive of x and y")
+            with loaded as data:
+                arrays = {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise ConfigError(f"data file {path} does not exist") from None
-    except ValueError as exc:
-        raise ConfigError(f"data file {path} is not a plain .npz: {exc}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ConfigError(f"data file {path} is not a plain .npz "
+                          f"({type(exc).__name__}: {exc})") from None
     for key in ("x", "y"):
         if key not in arrays:
             raise ConfigError(f"data file {path} has no array {key!r} "
@@ -258,10 +270,28 @@ def load_npz(path: Path) -> dict[str, npt.NDArray[Any]]:
         if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ConfigError(f"data file {path}: {xs} has shape {x.shape} and {ys} "
                               f"{y.shape}; need (n, features) and (n,)")
-        if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
-            raise ConfigError(f"data file {path}: {ys} must hold labels 0..C-1")
-        if not np.isfinite(x.astype(np.float64)).all():
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ConfigError(f"data file {path}: {xs} has shape {x.shape}; need at "
+                              "least 1 sample and 1 feature")
+        if x.shape[1] != arrays["x"].shape[1]:
+            raise ConfigError(f"data file {path}: {xs} has {x.shape[1]} features, "
+                              f"x has {arrays['x'].shape[1]}")
+        if x.dtype.kind not in "biuf":
+            raise ConfigError(f"data file {path}: {xs} has dtype {x.dtype}; need "
+                              "numbers (float or int)")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ConfigError(f"data file {path}: {ys} must hold integer labels "
+                              f"0..C-1 (dtype {y.dtype})")
+        if int(y.max()) > MAX_LABEL:
+            raise ConfigError(f"data file {path}: {ys} label {int(y.max())} exceeds "
+                              f"max {MAX_LABEL}")
+        wide = x.astype(np.float64)
+        if not np.isfinite(wide).all():
             raise ConfigError(f"data file {path}: {xs} holds NaN or Inf")
+        biggest = float(np.abs(wide).max())
+        if biggest > F32_MAX:
+            raise ConfigError(f"data file {path}: {xs} holds {biggest:g}, beyond "
+                              f"float32's max {F32_MAX:g}")
     return arrays
 
 
@@ -296,6 +326,9 @@ def load_task(name: str, ctx: TaskContext) -> Task:
         raise ConfigError(f"task {name!r} is neither built in ({known}) nor "
                           "'package.module:attribute'")
     module_name, _, attribute = name.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise ConfigError(f"task {name!r}: {module_name!r} is not an absolute "
+                          "module name like 'package.module'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -305,6 +338,13 @@ def load_task(name: str, ctx: TaskContext) -> Task:
     if not callable(factory):
         raise ConfigError(f"task {name!r}: {module_name} has no callable "
                           f"{attribute!r}")
+    try:
+        inspect.signature(factory).bind(ctx)
+    except TypeError as exc:
+        raise ConfigError(f"task {name!r} cannot be called with a TaskContext: "
+                          f"{exc}") from None
+    except ValueError:
+        pass  # no signature to check (some built-ins): the call itself will tell
     task = factory(ctx)
     if not isinstance(task, Task):
         raise ConfigError(f"task {name!r} returned {type(task).__name__}, not a "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -299,6 +302,101 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path) -> None:
     a.manifest = b"\x09" * 16
     with pytest.raises(StateError, match="manifest"):
         checkpoint.restore(path, a)
+
+
+def rewrite_checkpoint(path, meta=None, drop=(), meta_bytes=None,
+                       **replace) -> None:
+    """Rewrite a saved checkpoint with some of its content changed."""
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files if key not in drop}
+    if meta is not None:
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if meta_bytes is not None:
+        arrays["meta"] = meta_bytes
+    arrays.update(replace)
+    with open(path, "wb") as out:
+        np.savez(out, **arrays)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def saved_meta(path) -> dict:
+    with np.load(path) as data:
+        return json.loads(data["meta"].tobytes())
+
+
+def with_edge(path, **change) -> dict:
+    meta = saved_meta(path)
+    meta["edges"][0].update(change)
+    return meta
+
+
+def without(meta: dict, key: str) -> dict:
+    return {k: v for k, v in meta.items() if k != key}
+
+
+BAD_CHECKPOINTS = {
+    "empty file": lambda p: p.write_bytes(b""),
+    "an .npy": lambda p: p.write_bytes(npy_bytes(np.zeros(3))),
+    "no model": lambda p: rewrite_checkpoint(p, drop=("model",)),
+    "no meta": lambda p: rewrite_checkpoint(p, drop=("meta",)),
+    "meta a list": lambda p: rewrite_checkpoint(p, meta=[1, 2]),
+    "meta not json": lambda p: rewrite_checkpoint(
+        p, meta_bytes=np.frombuffer(b"\xff{", dtype=np.uint8)),
+    "no edges": lambda p: rewrite_checkpoint(p, meta=without(saved_meta(p), "edges")),
+    "round x": lambda p: rewrite_checkpoint(p, meta={**saved_meta(p), "round": "x"}),
+    "round -1": lambda p: rewrite_checkpoint(p, meta={**saved_meta(p), "round": -1}),
+    "no model_version": lambda p: rewrite_checkpoint(
+        p, meta=without(saved_meta(p), "model_version")),
+    "peer zz": lambda p: rewrite_checkpoint(p, meta=with_edge(p, peer="zz")),
+    "short peer": lambda p: rewrite_checkpoint(p, meta=with_edge(p, peer="ab")),
+    "edge a list": lambda p: rewrite_checkpoint(
+        p, meta={**saved_meta(p), "edges": [[1]]}),
+    "reset_epoch -1": lambda p: rewrite_checkpoint(
+        p, meta=with_edge(p, reset_epoch=-1)),
+    "reset_epoch 2**32-1": lambda p: rewrite_checkpoint(
+        p, meta=with_edge(p, reset_epoch=2**32 - 1)),
+    "reset_epoch text": lambda p: rewrite_checkpoint(
+        p, meta=with_edge(p, reset_epoch="3")),
+    "epoch 1.5": lambda p: rewrite_checkpoint(p, meta=with_edge(p, epoch=1.5)),
+    "epoch 2**32": lambda p: rewrite_checkpoint(p, meta=with_edge(p, epoch=2**32)),
+    "epoch true": lambda p: rewrite_checkpoint(p, meta=with_edge(p, epoch=True)),
+    "seq -5": lambda p: rewrite_checkpoint(p, meta=with_edge(p, seq=-5)),
+    "seq missing": lambda p: rewrite_checkpoint(p, meta=with_edge(p, seq=None)),
+    "no mine_0": lambda p: rewrite_checkpoint(p, drop=("mine_0",)),
+    "model nan": lambda p: rewrite_checkpoint(
+        p, model=np.full(500, np.nan, dtype=np.float32)),
+    "model inf": lambda p: rewrite_checkpoint(
+        p, model=np.r_[np.float32(np.inf), np.zeros(499, np.float32)]),
+    "theirs nan": lambda p: rewrite_checkpoint(
+        p, theirs_0=np.full(500, np.nan, dtype=np.float32)),
+    "model float64": lambda p: rewrite_checkpoint(p, model=np.zeros(500)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_before_anything_is_applied(tmp_path,
+                                                                damage) -> None:
+    a, b = engines(2)
+    exchange(a, b)
+    path = tmp_path / "checkpoint.npz"
+    checkpoint.save(path, a)
+    BAD_CHECKPOINTS[damage](path)
+    on_disk = path.read_bytes()
+    fresh = engines(2)[0]
+    before = snapshot(fresh), fresh.round, fresh.model_version
+
+    with pytest.raises(StateError) as caught:
+        checkpoint.restore(path, fresh)
+
+    message = str(caught.value)
+    assert str(path) in message and "move it away to start from scratch" in message
+    assert (snapshot(fresh), fresh.round, fresh.model_version) == before
+    assert path.read_bytes() == on_disk
 
 
 def test_claiming_our_own_key_without_it_is_a_bad_signature_not_a_duplicate(
