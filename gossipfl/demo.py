@@ -77,10 +77,13 @@ def free_ports(count: int) -> list[int]:
 
 
 def toml_value(value: Any) -> str:
+    """A TOML literal for a bool, number, string or list of those."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 

@@ -359,3 +359,12 @@ def test_sigterm_or_sighup_stops_every_demo_child_and_removes_the_temp_dir(
     assert err == "gossipfl demo: interrupted\n"
     assert not any(_alive(pid) for pid in children)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_configs_write_lists_as_toml_arrays() -> None:
+    import tomllib
+
+    from gossipfl.demo import toml_value
+
+    text = f"seeds = {toml_value(['a@198.51.100.1:1', 'b'])}\nx = {toml_value(2)}\n"
+    assert tomllib.loads(text) == {"seeds": ["a@198.51.100.1:1", "b"], "x": 2}
