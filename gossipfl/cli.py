@@ -158,15 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "member certificate and a digits shard, each running "
                     "'gossipfl up'. 'lab down' removes everything.")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    lab_up = lab_sub.add_parser("up", help="make the lab and start the nodes")
-    lab_up.add_argument("--nodes", type=int, default=4)
-    lab_up.add_argument("--rounds", type=int, default=150)
-    lab_up.add_argument("--root", type=Path, default=LAB_ROOT)
+    lab_up = lab_sub.add_parser(
+        "up", help="make the lab and start the nodes",
+        description="Make N namespaces, a mesh key, and for each node an "
+                    "identity, a certificate and a config; start 'gossipfl up' in "
+                    "each and show their progress until every node has run "
+                    "--rounds rounds. The lab keeps running afterwards.")
+    lab_up.add_argument("--nodes", type=int, default=4, help="node count (default 4)")
+    lab_up.add_argument("--rounds", type=int, default=150,
+                        help="rounds each node trains (default 150)")
+    lab_up.add_argument("--root", type=Path, default=LAB_ROOT,
+                        help=f"the lab's directory (default {LAB_ROOT})")
     lab_up.add_argument("--no-watch", action="store_true",
                         help="return once the nodes are started")
-    for action in ("status", "down"):
-        p = lab_sub.add_parser(action, help=f"{action} the lab")
-        p.add_argument("--root", type=Path, default=LAB_ROOT)
+    helps = {"status": "namespaces, processes and each node's round, accuracy and "
+                       "peers; exit 1 if any part is down or degraded",
+             "down": "stop every node and remove every namespace, interface, "
+                     "process and file the lab made"}
+    for action, text in helps.items():
+        p = lab_sub.add_parser(action, help=text, description=text)
+        p.add_argument("--root", type=Path, default=LAB_ROOT,
+                       help=f"the lab's directory (default {LAB_ROOT})")
 
     wg_export = sub.add_parser(
         "wg-export", help="print the running mesh as a wg-quick config",

@@ -152,19 +152,23 @@ def cli_status(root: Path) -> int:
     status = labmod.lab_status(root)
     print("\n".join(status.lines()))
     lab = labmod.load_lab(root)
+    healthy = all(n.exists and n.link_up for n in status.nodes) and all(
+        p.alive for p in status.processes)
     for i in range(len(lab.nodes)):
         try:
             s = asyncio.run(fetch_status(control_socket(lab, i), timeout_s=3))
         except NotRunning as exc:
             print(f"  node {i}  gossipfl not answering: {exc}")
+            healthy = False
             continue
+        healthy = healthy and bool(s["healthy"])
         mesh = s.get("mesh", {})
         live = sum(p["state"] == "live" for p in s["peers"])
         acc = s["accuracy"] or 0.0
         print(f"  node {i}  {s['node']['short_id']}  {mesh.get('address', '-'):<28} "
               f"round {s['round']:<5} acc {acc:.4f}  {live} live peer(s)  "
               f"{'healthy' if s['healthy'] else 'degraded'}")
-    return 0
+    return 0 if healthy else 1
 
 
 def cli_down(root: Path) -> int:
