@@ -48,6 +48,7 @@ prints ``cert.to_text()``; ``gossipfl mesh join <cert>`` calls
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import hashlib
 import logging
@@ -100,10 +101,8 @@ def decode_key(text: str, what: str = "public key") -> bytes:
     """A 32-byte key from its base64 text form or its 64-digit hex form."""
     text = text.strip()
     if len(text) == 64:
-        try:
+        with contextlib.suppress(ValueError):  # not hex: try base64
             return bytes.fromhex(text)
-        except ValueError:
-            pass
     raw = _b64decode(text, 44)
     if raw is None or len(raw) != ident.PUBLIC_KEY_BYTES:
         raise ConfigError(

@@ -266,7 +266,8 @@ def test_instance_label_is_unique_and_short() -> None:
 
 
 def test_select_underlay_skips_loopback_down_and_tunnels() -> None:
-    def link(name: str, flags: list[str], addr: str, kind: str = "") -> dict:  # type: ignore[type-arg]
+    def link(name: str, flags: list[str], addr: str,
+             kind: str = "") -> dict:  # type: ignore[type-arg]
         info = {"linkinfo": {"info_kind": kind}} if kind else {}
         return {
             "ifname": name,
