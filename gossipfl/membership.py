@@ -48,8 +48,8 @@ prints ``cert.to_text()``; ``gossipfl mesh join <cert>`` calls
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import hashlib
 import logging
 import struct
