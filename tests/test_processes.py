@@ -14,7 +14,6 @@ flight almost all the time: a signal sent to a busy node lands mid-transfer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import socket
@@ -37,7 +36,7 @@ from gossipfl.control import (
     fetch_model,
     fetch_status,
 )
-from gossipfl.demo import DemoOptions, consensus_distance, write_configs
+from gossipfl.demo import DemoOptions, consensus_distance, stop_all, write_configs
 
 pytestmark = pytest.mark.slow
 
@@ -92,14 +91,7 @@ class Mesh:
         running = [p for p in self.procs.values() if p.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGCONT)  # in case a test stopped it
-            proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_all(running, STOP_GRACE_S)
 
     # --- observing ----------------------------------------------------------------
 
