@@ -28,6 +28,11 @@ exit codes: 0 success (status: healthy), 1 degraded, 2 error (bad config, bad st
 documentation: README.md and docs/ (architecture, algorithm, configuration)."""
 
 
+def add_config(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"{what} (default {DEFAULT_CONFIG})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gossipfl", epilog=EPILOG,
@@ -43,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one node: train on the local data, gossip with the peers "
                     "in the config, serve status on the control socket. Stops "
                     "cleanly (with a checkpoint) on SIGINT or SIGTERM.")
-    daemon.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"config file (default {DEFAULT_CONFIG})")
+    add_config(daemon, "config file")
 
     status = sub.add_parser(
         "status", help="show a running node's status",
@@ -91,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "key 0600) if there is none, and write a config file (0600) if "
                     "there is none. Prints the node id to have signed with 'gossipfl "
                     "mesh sign'. Never overwrites a key or a config.")
-    init.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                      help=f"config file to write when missing (default "
-                           f"{DEFAULT_CONFIG})")
+    add_config(init, "config file to write when missing")
     init.add_argument("--state-dir", type=Path, default=None,
                       help="state directory (default: the config's, else "
                            "/var/lib/gossipfl)")
@@ -131,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--mesh-key", default=None,
                       help="the mesh public key to trust (default: the one stored, "
                            "else the one the certificate names)")
-    join.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                      help=f"the node's config (default {DEFAULT_CONFIG})")
+    add_config(join, "the node's config")
 
     up = sub.add_parser(
         "up", help="bring up the WireGuard mesh and run the node (foreground)",
@@ -141,15 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "verified members as peers, and run the node with gossip served "
                     "on the mesh address only. Runs until SIGINT/SIGTERM; then "
                     "removes the interface. Tells systemd READY=1 once up.")
-    up.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                    help=f"config file with a [mesh] section (default "
-                         f"{DEFAULT_CONFIG})")
+    add_config(up, "config file with a [mesh] section")
     down = sub.add_parser(
         "down", help="stop 'gossipfl up' and remove what it made",
         description="Stop a running 'gossipfl up' (SIGTERM, then SIGKILL after "
                     "20 s) and remove its interface, wireguard-go process and UAPI "
                     "socket, also after a crash.")
-    down.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    add_config(down, "the config 'gossipfl up' ran with")
 
     lab = sub.add_parser(
         "lab", help="N nodes in network namespaces, each running 'gossipfl up'",
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the node's current WireGuard interface and peers in "
                     "wg-quick(8) format, for inspection with wg(8). The private key "
                     "is left out unless --with-private-key.")
-    wg_export.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    add_config(wg_export, "the running node's config")
     wg_export.add_argument("--with-private-key", action="store_true")
     return parser
 
