@@ -151,18 +151,7 @@ class Certificate:
 
         Parsing checks the layout only; call ``verify_certificate`` to trust it.
         """
-        if len(data) > MAX_CERT_BYTES:
-            raise DecodeError(
-                f"certificate of {len(data)} bytes exceeds max {MAX_CERT_BYTES}",
-                MAX_CERT_BYTES,
-            )
-        reader = _Reader(data, "certificate")
-        version = reader.u8()
-        if version != CERT_VERSION:
-            raise DecodeError(f"certificate version {version} is not 1", 0)
-        flags = reader.u8()
-        if flags & ~FLAG_HAS_EXPIRY:
-            raise DecodeError(f"unknown certificate flags 0x{flags:02x}", 1)
+        reader, flags = _read_head(data, "certificate", MAX_CERT_BYTES)
         mesh_pub = reader.take(32, "mesh public key")
         node_pub = reader.take(32, "node public key")
         name, issued, expires = _read_tail_fields(reader, flags)
@@ -200,18 +189,7 @@ class Certificate:
         cls, proof: bytes, node_public_key: bytes, mesh_public_key: bytes
     ) -> Certificate:
         """Rebuild a certificate from a proof; WRONG_MESH if the key id differs."""
-        if len(proof) > MAX_PROOF_BYTES:
-            raise DecodeError(
-                f"proof of {len(proof)} bytes exceeds max {MAX_PROOF_BYTES}",
-                MAX_PROOF_BYTES,
-            )
-        reader = _Reader(proof, "proof")
-        version = reader.u8()
-        if version != CERT_VERSION:
-            raise DecodeError(f"proof version {version} is not 1", 0)
-        flags = reader.u8()
-        if flags & ~FLAG_HAS_EXPIRY:
-            raise DecodeError(f"unknown proof flags 0x{flags:02x}", 1)
+        reader, flags = _read_head(proof, "proof", MAX_PROOF_BYTES)
         key_id = reader.take(MESH_KEY_ID_BYTES, "mesh key id")
         name, issued, expires = _read_tail_fields(reader, flags)
         signature = reader.take(ident.SIGNATURE_BYTES, "signature")
@@ -268,6 +246,21 @@ class _Reader:
                 f"{len(self.data) - self.pos} trailing bytes after {self.what}",
                 self.pos,
             )
+
+
+def _read_head(data: bytes, what: str, max_bytes: int) -> tuple[_Reader, int]:
+    """Size cap, version and flags, common to certificates and proofs."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"{what} of {len(data)} bytes exceeds max {max_bytes}",
+                          max_bytes)
+    reader = _Reader(data, what)
+    version = reader.u8()
+    if version != CERT_VERSION:
+        raise DecodeError(f"{what} version {version} is not 1", 0)
+    flags = reader.u8()
+    if flags & ~FLAG_HAS_EXPIRY:
+        raise DecodeError(f"unknown {what} flags 0x{flags:02x}", 1)
+    return reader, flags
 
 
 def _read_tail_fields(reader: _Reader, flags: int) -> tuple[str, int, int | None]:
